@@ -1,0 +1,225 @@
+"""bootkey's configuration: the TOML file of DESIGN §10 as frozen pydantic models.
+
+This is the one place defaults live. `parse(text, source)` is pure so tests can feed
+strings; `load(path)` reads the file. Every validation error becomes one `ConfigError`
+line naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bootkey.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/bootkey/bootkey.toml")
+MACHINE_ID = Path("/etc/machine-id")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`"30s"`, `"5m"`, `"1h"`, `"250ms"` or plain seconds → seconds as float."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"30s\", \"5m\" or a number of seconds")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration: use \"30s\", \"5m\", \"1h\" or seconds")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AppRoleConfig(_Model):
+    mount: str = "approle"
+    role_id: str | None = None
+    role_id_file: Path | None = None
+    secret_id_file: Path | None = Path("/etc/bootkey/secret-id")
+    secret_id_credential: str | None = None
+    wrapped_secret_id_file: Path | None = None
+    remove_secret_id_file: bool = False
+
+    @model_validator(mode="after")
+    def _one_role_id(self) -> AppRoleConfig:
+        if self.role_id is not None and self.role_id_file is not None:
+            raise ValueError("set role_id or role_id_file, not both")
+        return self
+
+
+class KVConfig(_Model):
+    mount: str = "secret"
+    version: Literal[1, 2] = 2
+    prefix: str = "bootkey"
+
+    @field_validator("mount", "prefix")
+    @classmethod
+    def _no_slashes_at_ends(cls, v: str) -> str:
+        return v.strip("/")
+
+
+class TransitConfig(_Model):
+    mount: str = "transit"
+    key: str = "bootkey"
+
+
+class VaultConfig(_Model):
+    address: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8200"], min_length=1)
+    ca_file: Path | None = None
+    namespace: str = ""
+    timeout: Duration = 5.0
+    approle: AppRoleConfig = AppRoleConfig()
+    kv: KVConfig = KVConfig()
+    transit: TransitConfig = TransitConfig()
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("address")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not re.match(r"^https?://[^/\s]+", a):
+                raise ValueError(f"{a!r} is not a URL: use e.g. \"https://vault.example:8200\"")
+        return [a.rstrip("/") for a in v]
+
+
+class UnlockConfig(_Model):
+    deadline: Duration = 300.0
+    parallel: int = Field(default=8, ge=1, le=256)
+    # Tests shorten this; production wants a short first retry and a cap that keeps the
+    # agent answering within a watchdog period.
+    retry_initial: Duration = 0.5
+    retry_max: Duration = 30.0
+
+
+class VolumeConfig(_Model):
+    name: str
+    device: str
+    readonly: bool = False
+    discard: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _dm_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}", v):
+            raise ValueError(f"{v!r} is not a usable mapping name: letters, digits, _ . + -")
+        return v
+
+
+class KeysocketConfig(_Model):
+    path: Path = Path("/run/bootkey/cryptsetup.sock")
+    timeout: Duration = 30.0
+
+
+class Config(_Model):
+    host_id: str | None = None
+    vault: VaultConfig = VaultConfig()
+    unlock: UnlockConfig = UnlockConfig()
+    volume: list[VolumeConfig] = Field(default_factory=list)
+    keysocket: KeysocketConfig = KeysocketConfig()
+    # The [kes] section is validated by kes.config when the KES endpoint is enabled.
+    kes: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v):
+            raise ValueError(f"{v!r} is not a usable host_id: letters, digits, _ . -")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        seen: set[str] = set()
+        for v in self.volume:
+            if v.name in seen:
+                raise ValueError(f"volume name {v.name!r} appears twice")
+            seen.add(v.name)
+        return self
+
+    def resolved_host_id(self) -> str:
+        """The configured host_id, else /etc/machine-id."""
+        if self.host_id:
+            return self.host_id
+        try:
+            mid = MACHINE_ID.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"host_id: cannot read {MACHINE_ID}: {e.strerror} — set host_id in the config"
+            ) from None
+        if not mid:
+            raise ConfigError(f"host_id: {MACHINE_ID} is empty — set host_id in the config")
+        return mid
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _hint(err: Any) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown setting — check the spelling against docs/configuration.md"
+    if kind == "missing":
+        return "required — add it"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Parse TOML text into a Config; raise ConfigError with one line per problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e} — fix the syntax") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{source}: {_field_path(err['loc'])}: {_hint(err)}" for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load(path: Path | str | None = None) -> Config:
+    """Read the config file: `path`, else $BOOTKEY_CONFIG, else /etc/bootkey/bootkey.toml."""
+    p = Path(path or os.environ.get("BOOTKEY_CONFIG") or DEFAULT_PATH)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{p}: cannot read the config: no such file — create it (see docs/configuration.md)"
+            " or pass --config"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config: {e.strerror}") from None
+    return parse(text, str(p))

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian bookworm machine, as root:
+# the apt packages bootkey and its tests use, and a venv at .venv with bootkey installed.
+# Re-running it is cheap: each part is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  cryptsetup-bin        # luksFormat/addKey/token/test-passphrase on image files
+  libsystemd-dev        # systemd-python builds against it
+  pkg-config
+  e2fsprogs             # mkfs.ext4 -d, debugfs for VM test payloads
+  qemu-system-x86       # VM boot tests (TCG)
+  qemu-utils            # qemu-img overlays
+  busybox-static        # initramfs for VM tests, guestfwd relay
+  debootstrap           # systemd guest for VM tests
+  nginx-light           # mTLS ceiling benchmark for KES
+  apache2-utils         # ab -k -E
+  curl
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.bootkey-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
