@@ -3,6 +3,7 @@ a derived transit key, AppRole roles bound to the policies `bootkey policy` prin
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,8 @@ def ensure_mounts(root: hvac.Client) -> None:
     if "approle/" not in auths:
         root.sys.enable_auth_method("approle")
     keys = []
-    try:
+    with contextlib.suppress(hvac.exceptions.InvalidPath):
         keys = root.secrets.transit.list_keys()["data"]["keys"]
-    except hvac.exceptions.InvalidPath:
-        pass
     if "bootkey" not in keys:
         root.secrets.transit.create_key("bootkey", derived=True)
 
