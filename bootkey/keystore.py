@@ -80,7 +80,7 @@ class Entry(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    format: Literal[1] = ENTRY_FORMAT
+    format: Literal[1] = 1
     host_id: str
     luks_uuid: str
     name: str | None = None
@@ -98,7 +98,7 @@ class BootkeyToken(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    type: Literal["bootkey"] = TOKEN_TYPE
+    type: Literal["bootkey"] = "bootkey"
     keyslots: list[str]
     version: int = 1
     host_id: str
