@@ -19,9 +19,6 @@ from bootkey.errors import BootkeyError
 # Subcommand modules under bootkey.commands, in the order `--help` lists them.
 _COMMAND_MODULES = (
     "unlock",
-    "agent",
-    "policy",
-    "demo",
 )
 
 EPILOG = """\

@@ -116,6 +116,12 @@ class UnlockConfig(_Model):
     # agent answering within a watchdog period.
     retry_initial: Duration = 0.5
     retry_max: Duration = 30.0
+    # Where to look for volumes that carry a bootkey token, besides every block device:
+    # globs of image files or device links (e.g. "/var/lib/images/*.img").
+    search: list[str] = Field(default_factory=list)
+    # agent: `bootkey agent` opens the volumes itself. socket: systemd-cryptsetup opens
+    # them and asks the agent for each key on the key socket.
+    mode: Literal["agent", "socket"] = "agent"
 
 
 class VolumeConfig(_Model):

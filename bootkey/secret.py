@@ -12,6 +12,7 @@ RLIMIT_CORE=0 so no core dump or ptrace by other users can read them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hmac
@@ -52,17 +53,15 @@ class SecretBuffer:
         self._mm = mmap.mmap(-1, pages, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._closed = False
         for advice in (mmap.MADV_DONTDUMP, _MADV_WIPEONFORK):
-            try:
+            # old kernels lack these: mlockall + RLIMIT_CORE=0 still cover the buffer
+            with contextlib.suppress(OSError):
                 self._mm.madvise(advice)
-            except OSError:
-                pass  # old kernels: mlockall + RLIMIT_CORE=0 still cover it
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
-        if _libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(pages)) != 0:
-            # Over RLIMIT_MEMLOCK without CAP_IPC_LOCK: keep going only if the whole
-            # process is already locked (mlockall), which also covers this page.
-            if not memory_locked():
-                err = ctypes.get_errno()
-                log.debug("mlock of a secret buffer failed: %s", os.strerror(err))
+        # Over RLIMIT_MEMLOCK without CAP_IPC_LOCK mlock fails; mlockall (if it
+        # succeeded) already covers this page, else harden_process has warned.
+        if _libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(pages)) != 0 and \
+                not memory_locked():
+            log.debug("mlock of a secret buffer failed: %s", os.strerror(ctypes.get_errno()))
         self._view = memoryview(self._mm)[:size]
 
     @classmethod
@@ -115,10 +114,8 @@ class SecretBuffer:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: nobody to tell
             self.close()
-        except Exception:  # noqa: S110 - interpreter shutdown; nothing to report to
-            pass
 
     def __repr__(self) -> str:
         return f"<SecretBuffer {self._len} bytes{' closed' if self._closed else ''}>"

@@ -32,7 +32,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from bootkey.config import VaultConfig
+from bootkey.config import Config, VaultConfig
 from bootkey.errors import (
     ConfigError,
     VaultAuthFailed,
@@ -129,6 +129,13 @@ class VaultSession:
             c.session.mount("http://", adapter)
             c.session.mount("https://", adapter)
 
+    @classmethod
+    def from_config(cls, cfg: Config, *, on_wait: WaitHook | None = None,
+                    token: str | None = None) -> VaultSession:
+        u = cfg.unlock
+        return cls(cfg.vault, deadline=u.deadline, retry_initial=u.retry_initial,
+                   retry_max=u.retry_max, on_wait=on_wait, token=token)
+
     # ---- plumbing -------------------------------------------------------------
 
     def _on_address(self, fn: Callable[[hvac.Client], T], what: str, path: str) -> T:
@@ -149,7 +156,8 @@ class VaultSession:
                 raise _classify(e, what, path) from None
             self._preferred = idx
             return result
-        assert last is not None
+        if last is None:  # no addresses: config validation forbids it
+            raise VaultUnavailable(f"no Vault address to {what}")
         raise last
 
     def _retrying(self, fn: Callable[[hvac.Client], T], what: str, path: str,
@@ -385,7 +393,6 @@ class VaultSession:
         b64 = base64.b64encode(plaintext.view).decode()
         body = {"plaintext": b64, "context": base64.b64encode(context).decode()}
         res = self._retrying(lambda c: c.write_data(api, data=body), "encrypt", api)
-        del b64, body
         ct = ((res or {}).get("data") or {}).get("ciphertext") if isinstance(res, dict) else None
         if not isinstance(ct, str) or not ct.startswith("vault:v"):
             raise VaultBadAnswer(f"{api}: answer has no ciphertext")

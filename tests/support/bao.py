@@ -39,7 +39,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], verify: Any = True, limit: float = 20.0) -> None:
+def _wait_http(url: str, proc: subprocess.Popen[bytes], verify: Any = True,
+               limit: float = 20.0) -> None:
     """Poll `url` until the server answers at all (any status)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
