@@ -19,6 +19,7 @@ from bootkey.errors import BootkeyError
 # Subcommand modules under bootkey.commands, in the order `--help` lists them.
 _COMMAND_MODULES = (
     "unlock",
+    "agent",
 )
 
 EPILOG = """\

@@ -106,12 +106,14 @@ class VaultSession:
         retry_max: float = 30.0,
         on_wait: WaitHook | None = None,
         token: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.cfg = cfg
         self.deadline = deadline
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.on_wait = on_wait
+        self.sleep = sleep  # the agent passes one that wakes up on SIGTERM
         self._lock = threading.Lock()
         self._token: str | None = token
         self._token_expires: float = float("inf") if token else 0.0
@@ -131,10 +133,11 @@ class VaultSession:
 
     @classmethod
     def from_config(cls, cfg: Config, *, on_wait: WaitHook | None = None,
-                    token: str | None = None) -> VaultSession:
+                    token: str | None = None,
+                    sleep: Callable[[float], None] = time.sleep) -> VaultSession:
         u = cfg.unlock
         return cls(cfg.vault, deadline=u.deadline, retry_initial=u.retry_initial,
-                   retry_max=u.retry_max, on_wait=on_wait, token=token)
+                   retry_max=u.retry_max, on_wait=on_wait, token=token, sleep=sleep)
 
     # ---- plumbing -------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class VaultSession:
             wait=wait_random_exponential(multiplier=self.retry_initial, max=self.retry_max),
             stop=stop_before_delay(limit),
             before_sleep=before_sleep,
+            sleep=self.sleep,
             reraise=True,
         )
         result: T = retryer(self._on_address, fn, what, path)
@@ -375,6 +379,12 @@ class VaultSession:
         """Delete an entry for good (KV v2: all versions and metadata)."""
         api = f"{mount}/metadata/{path}" if version == 2 else f"{mount}/{path}"
         self._retrying(lambda c: c.delete(api), "delete", api)
+
+    def kv_destroy_versions(self, mount: str, path: str, versions: list[int]) -> None:
+        """KV v2: destroy these versions' data for good (crypto-shred retired keys)."""
+        api = f"{mount}/destroy/{path}"
+        self._retrying(lambda c: c.write_data(api, data={"versions": versions}),
+                       "destroy old versions", api)
 
     def kv_list(self, mount: str, version: int, path: str) -> list[str]:
         api = f"{mount}/metadata/{path}" if version == 2 else f"{mount}/{path}"

@@ -164,7 +164,9 @@ disable_mlock = true
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                if c.sys.read_health_status(method="GET").status_code == 200:
+                r = requests.get(self.address + "/v1/sys/health", verify=str(self.ca_file),
+                                 timeout=2)
+                if r.status_code == 200:
                     return
             except requests.RequestException:
                 pass

@@ -16,6 +16,8 @@ from bootkey import policy
 
 def ensure_mounts(root: hvac.Client) -> None:
     mounts = root.sys.list_mounted_secrets_engines()["data"]
+    if "secret/" not in mounts:  # dev servers have it; a fresh real server does not
+        root.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
     if "kv1/" not in mounts:
         root.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
     if "transit/" not in mounts:
@@ -44,12 +46,14 @@ class VaultEnv:
     enroll_token: str
     kv_version: int
     kv_mount: str
+    ca_file: Path | None = None
 
     def toml(self, extra: str = "", *, deadline: str = "20s") -> str:
         return (
             f'host_id = "{self.host_id}"\n'
             f"[vault]\naddress = [\"{self.address}\"]\ntimeout = \"2s\"\n"
-            f"[vault.approle]\nrole_id = \"{self.role_id}\"\n"
+            + (f'ca_file = "{self.ca_file}"\n' if self.ca_file else "")
+            + f"[vault.approle]\nrole_id = \"{self.role_id}\"\n"
             f"secret_id_file = \"{self.secret_id_file}\"\n"
             f"[vault.kv]\nmount = \"{self.kv_mount}\"\nversion = {self.kv_version}\n"
             f"[unlock]\ndeadline = \"{deadline}\"\nretry_initial = \"50ms\"\n"
@@ -61,7 +65,7 @@ class VaultEnv:
 
 
 def provision(root: hvac.Client, workdir: Path, *, kv_version: int = 2,
-              host_id: str | None = None) -> VaultEnv:
+              host_id: str | None = None, ca_file: Path | None = None) -> VaultEnv:
     ensure_mounts(root)
     host_id = host_id or new_host_id()
     mount = "secret" if kv_version == 2 else "kv1"
@@ -82,4 +86,4 @@ def provision(root: hvac.Client, workdir: Path, *, kv_version: int = 2,
     sid.write_text(secret_id)
     sid.chmod(0o600)
     tok = root.auth.token.create(policies=[enroll, boot], ttl="2h")["auth"]["client_token"]
-    return VaultEnv(root.url, host_id, role_id, sid, tok, kv_version, mount)
+    return VaultEnv(root.url, host_id, role_id, sid, tok, kv_version, mount, ca_file)

@@ -1,0 +1,172 @@
+"""`bootkey agent`: the long-running boot service. Wiring only; decisions live in
+unlock.py, vault.py and the component modules.
+
+Start order: harden memory → log in (retrying, STATUS says what it waits for) → unlock
+every volume (mode "agent") → READY=1 → keep the token alive and serve components
+(key socket, hotplug, KES) until SIGTERM → STOPPING=1, wipe, exit 0.
+
+Every wait is bounded by `unlock.deadline`: past it the agent exits with a clear error
+(systemd's Restart= brings it back) rather than hanging boot.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Protocol
+
+from bootkey import secret, unlock
+from bootkey.config import Config
+from bootkey.errors import BootkeyError, DeadlineExceeded
+from bootkey.notify import Notifier, watchdog_interval
+from bootkey.unlock import Volume, VolumeResult
+from bootkey.vault import VaultSession, WaitInfo
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived while waiting."""
+
+
+class Component(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+ComponentFactory = Callable[["Agent"], Component | None]
+
+
+@dataclass
+class Agent:
+    cfg: Config
+    check: bool = False
+    require_mlock: bool = False
+    notifier: Notifier = field(default_factory=Notifier)
+    components: list[ComponentFactory] = field(default_factory=list)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    session: VaultSession | None = None
+    results: dict[str, VolumeResult] = field(default_factory=dict)
+
+    # ---- waiting that SIGTERM interrupts -----------------------------------------
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop_event.wait(seconds):
+            raise Interrupted
+
+    def _on_wait(self, w: WaitInfo) -> None:
+        self.notifier.status(f"waiting for Vault: attempt {w.attempt}, next in "
+                             f"{w.next_in:.0f} s")
+
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self.stop_event.set()
+
+    # ---- phases ------------------------------------------------------------------
+
+    def _unlock(self, volumes: list[Volume], deadline_at: float) -> None:
+        """Unlock, retrying volumes whose failure may go away (Vault sealed, network)."""
+        assert self.session is not None
+        pending = volumes
+        delay = self.cfg.unlock.retry_initial
+        while pending:
+            self.notifier.status(f"unlocking {len(pending)} volume(s)")
+            for r in unlock.unlock_all(self.session, pending, check=self.check,
+                                       parallel=self.cfg.unlock.parallel,
+                                       deadline_at=deadline_at):
+                self.results[r.name] = r
+            pending = [v for v in pending if not self.results[v.name].ok
+                       and self.results[v.name].error is not None
+                       and self.results[v.name].error.retryable]  # type: ignore[union-attr]
+            if not pending:
+                return
+            if time.monotonic() + delay > deadline_at:
+                raise DeadlineExceeded(
+                    f"unlock: gave up after {self.cfg.unlock.deadline:g} s: "
+                    f"{', '.join(v.name for v in pending)} still waiting for Vault — "
+                    "check that Vault is reachable and unsealed"
+                )
+            self.notifier.status(f"waiting for Vault to unlock {len(pending)} volume(s): "
+                                 f"next try in {delay:.0f} s")
+            self._sleep(delay)
+            delay = min(delay * 2, self.cfg.unlock.retry_max)
+
+    def summary(self) -> str:
+        ok = sum(1 for r in self.results.values() if r.ok)
+        verb = "verified" if self.check else "open"
+        text = f"{ok}/{len(self.results)} volumes {verb}"
+        failed = [r for r in self.results.values() if not r.ok]
+        if failed:
+            text += "; failed: " + ", ".join(r.name for r in failed)
+        return text
+
+    def _renew_loop(self) -> None:
+        assert self.session is not None
+        while not self.stop_event.is_set():
+            ttl = self.session.token_ttl()
+            wait = min(max(ttl * 2 / 3, 1.0), 3600.0) if ttl != float("inf") else 3600.0
+            if self.stop_event.wait(wait):
+                return
+            try:
+                self.session.renew_or_relogin()
+            except BootkeyError as e:
+                log.error("Vault token: %s", e)
+                self.notifier.status(f"{self.summary()}; Vault token renewal failing")
+
+    def _watchdog(self, interval: float) -> None:
+        while not self.stop_event.wait(interval):
+            self.notifier.watchdog()
+
+    # ---- entry -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Returns 0 after a clean SIGTERM; raises BootkeyError on a fatal start error."""
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._signal)
+        hard = secret.harden_process(require_mlock=self.require_mlock)
+        log.info("hardening: memory %s, core dumps off, %s",
+                 "locked" if hard.mlocked else "NOT locked",
+                 "DUMPABLE" if hard.dumpable else "not dumpable")
+        if not hard.mlocked:
+            self.notifier.status("warning: memory not locked")
+        interval = watchdog_interval()
+        if interval:
+            threading.Thread(target=self._watchdog, args=(interval,), daemon=True,
+                             name="watchdog").start()
+        started: list[Component] = []
+        try:
+            deadline_at = time.monotonic() + self.cfg.unlock.deadline
+            self.notifier.status("logging in to Vault")
+            self.session = VaultSession.from_config(self.cfg, on_wait=self._on_wait,
+                                                    sleep=self._sleep)
+            self.session.login(deadline=self.cfg.unlock.deadline)
+            for factory in self.components:
+                comp = factory(self)
+                if comp is not None:
+                    comp.start()
+                    started.append(comp)
+            if self.cfg.unlock.mode == "agent":
+                volumes, failed = unlock.resolve_volumes(self.cfg)
+                for r in failed:
+                    self.results[r.name] = r
+                self._unlock(volumes, deadline_at)
+            status = self.summary() if self.cfg.unlock.mode == "agent" else \
+                "serving keys to systemd-cryptsetup"
+            self.notifier.ready(status)
+            log.info("ready: %s", status)
+            self._renew_loop()
+        except Interrupted:
+            pass
+        finally:
+            self.notifier.stopping()
+            for comp in reversed(started):
+                try:
+                    comp.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(comp).__name__)
+        return 0

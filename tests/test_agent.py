@@ -1,0 +1,147 @@
+"""`bootkey agent` as systemd runs it: sd_notify over a real datagram socket, hardening,
+waiting out an absent or sealed Vault, failing fast or at the deadline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bootkey import config as cfgmod
+from tests.support.bao import TlsBao, free_port
+from tests.support.luksimg import enroll_direct, make_image
+from tests.support.notify import NotifyListener
+from tests.support.proxy import LateProxy
+from tests.support.vaultenv import VaultEnv, provision
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifyListener]:
+    n = NotifyListener(tmp_path / "notify.sock")
+    yield n
+    n.close()
+
+
+def start_agent(cfg_file: Path, notify: NotifyListener, *extra: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    e = {**os.environ, "NOTIFY_SOCKET": str(notify.path), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bootkey.cli", "--config", str(cfg_file), "agent", "--check",
+         *extra], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    return proc.returncode, err
+
+
+def two_volumes(env: VaultEnv, tmp: Path, address: str | None = None) -> Path:
+    cfg = env.config()
+    for n in ("data", "logs"):
+        enroll_direct(cfg, env.enroll_token, make_image(tmp / f"{n}.img"), name=n)
+    text = env.toml().replace("[unlock]\n", f'[unlock]\nsearch = ["{tmp}/*.img"]\n')
+    if address:
+        text = text.replace(f'address = ["{env.address}"]', f'address = ["{address}"]')
+    p = tmp / "bootkey.toml"
+    p.write_text(text)
+    return p
+
+
+def test_ready_status_watchdog_stopping_and_hardening(vault_env2: VaultEnv, tmp_path: Path,
+                                                      notify: NotifyListener) -> None:
+    cfg_file = two_volumes(vault_env2, tmp_path)
+    proc = start_agent(cfg_file, notify, env={"WATCHDOG_USEC": "200000"})
+    try:
+        notify.wait_for(lambda m: m == "READY=1")
+        assert notify.wait_for(lambda m: m.startswith("STATUS=2/2")) == \
+            "STATUS=2/2 volumes verified"
+        notify.wait_for(lambda m: m == "WATCHDOG=1")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        vmlck = int(next(ln.split()[1] for ln in status.splitlines()
+                         if ln.startswith("VmLck:")))
+        assert vmlck > 0
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        assert any(ln.startswith("Max core file size") and ln.split()[4:6] == ["0", "0"]
+                   for ln in limits.splitlines())
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
+    notify.wait_for(lambda m: m == "STOPPING=1")
+    # The agent reads PR_GET_DUMPABLE back from the kernel after setting it.
+    assert "memory locked, core dumps off, not dumpable" in err
+
+
+def test_vault_absent_at_start_then_appears(vault_env2: VaultEnv, tmp_path: Path,
+                                            notify: NotifyListener) -> None:
+    port = free_port()
+    cfg_file = two_volumes(vault_env2, tmp_path, address=f"http://127.0.0.1:{port}")
+    proc = start_agent(cfg_file, notify)
+    proxy = LateProxy(port, ("127.0.0.1", int(vault_env2.address.rsplit(":", 1)[1])))
+    try:
+        notify.wait_for(lambda m: m.startswith("STATUS=waiting for Vault: attempt 2"))
+        assert proc.poll() is None
+        proxy.start()
+        notify.wait_for(lambda m: m == "READY=1")
+        assert "STATUS=2/2 volumes verified" in notify.messages
+    finally:
+        rc, err = stop(proc)
+        proxy.stop()
+    assert rc == 0, err
+
+
+def test_vault_sealed_then_unsealed(tmp_path: Path, notify: NotifyListener) -> None:
+    bao = TlsBao(tmp_path / "bao").start()
+    try:
+        bao.initialize()
+        bao.unseal()
+        env = provision(bao.client(), tmp_path, ca_file=bao.ca_file)
+        cfg_file = two_volumes(env, tmp_path)
+        assert cfgmod.load(cfg_file).vault.ca_file == bao.ca_file
+        bao.seal()
+        proc = start_agent(cfg_file, notify)
+        try:
+            notify.wait_for(lambda m: m.startswith("STATUS=waiting for Vault: attempt 2"))
+            bao.unseal()
+            notify.wait_for(lambda m: m == "READY=1")
+            assert "STATUS=2/2 volumes verified" in notify.messages
+        finally:
+            rc, err = stop(proc)
+        assert rc == 0, err
+    finally:
+        bao.stop()
+
+
+def test_unreachable_past_deadline_exits_clearly(vault_env2: VaultEnv, tmp_path: Path,
+                                                 notify: NotifyListener) -> None:
+    port = free_port()
+    cfg_file = two_volumes(vault_env2, tmp_path, address=f"http://127.0.0.1:{port}")
+    cfg_file.write_text(cfg_file.read_text().replace('deadline = "20s"', 'deadline = "2s"'))
+    t0 = time.monotonic()
+    proc = start_agent(cfg_file, notify)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 69, err
+    assert time.monotonic() - t0 < 15
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("bootkey: ") and "Vault unreachable" in last
+    assert "READY=1" not in notify.messages
+
+
+def test_wrong_secret_id_fails_fast(vault_env2: VaultEnv, tmp_path: Path,
+                                    notify: NotifyListener) -> None:
+    cfg_file = two_volumes(vault_env2, tmp_path)
+    cfg_file.write_text(cfg_file.read_text().replace('deadline = "20s"', 'deadline = "5m"'))
+    vault_env2.secret_id_file.write_text("not-a-valid-secret-id")
+    t0 = time.monotonic()
+    proc = start_agent(cfg_file, notify)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 80, err
+    assert time.monotonic() - t0 < 10
+    assert "cannot log in" in err and "secret_id" in err
