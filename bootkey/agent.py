@@ -53,6 +53,11 @@ class Agent:
     session: VaultSession | None = None
     results: dict[str, VolumeResult] = field(default_factory=dict)
 
+    def _session(self) -> VaultSession:
+        if self.session is None:
+            raise RuntimeError("agent: no Vault session before login")
+        return self.session
+
     # ---- waiting that SIGTERM interrupts -----------------------------------------
 
     def _sleep(self, seconds: float) -> None:
@@ -71,12 +76,12 @@ class Agent:
 
     def _unlock(self, volumes: list[Volume], deadline_at: float) -> None:
         """Unlock, retrying volumes whose failure may go away (Vault sealed, network)."""
-        assert self.session is not None
+        session = self._session()
         pending = volumes
         delay = self.cfg.unlock.retry_initial
         while pending:
             self.notifier.status(f"unlocking {len(pending)} volume(s)")
-            for r in unlock.unlock_all(self.session, pending, check=self.check,
+            for r in unlock.unlock_all(session, pending, check=self.check,
                                        parallel=self.cfg.unlock.parallel,
                                        deadline_at=deadline_at):
                 self.results[r.name] = r
@@ -106,14 +111,14 @@ class Agent:
         return text
 
     def _renew_loop(self) -> None:
-        assert self.session is not None
+        session = self._session()
         while not self.stop_event.is_set():
-            ttl = self.session.token_ttl()
+            ttl = session.token_ttl()
             wait = min(max(ttl * 2 / 3, 1.0), 3600.0) if ttl != float("inf") else 3600.0
             if self.stop_event.wait(wait):
                 return
             try:
-                self.session.renew_or_relogin()
+                session.renew_or_relogin()
             except BootkeyError as e:
                 log.error("Vault token: %s", e)
                 self.notifier.status(f"{self.summary()}; Vault token renewal failing")
