@@ -115,7 +115,7 @@ def test_launcher_runs_with_system_python_from_extracted_tree(tree: Path) -> Non
     env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PYTHONPATH": "/nonexistent"}
     proc = subprocess.run(
         [str(tree / "usr/bin/bootkey"), "--version"],
-        env=env, capture_output=True, text=True, timeout=60,
+        check=False, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"bootkey {__version__}"
@@ -133,7 +133,7 @@ def test_bundled_dependencies_win_over_debian_ones(tree: Path) -> None:
         "print(pydantic.__file__); print(pydantic.VERSION); print(systemd.daemon.__file__)\n"
     )
     proc = subprocess.run(
-        [SYSTEM_PY, "-IS", "-c", code], capture_output=True, text=True, timeout=60,
+        [SYSTEM_PY, "-IS", "-c", code], check=False, capture_output=True, text=True, timeout=60,
         env={"PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -152,7 +152,7 @@ def test_example_config_is_valid_for_the_packaged_bootkey(tree: Path) -> None:
         "print(c.vault.address[0], c.unlock.deadline)\n"
     )
     proc = subprocess.run(
-        [SYSTEM_PY, "-IS", "-c", code], capture_output=True, text=True, timeout=60,
+        [SYSTEM_PY, "-IS", "-c", code], check=False, capture_output=True, text=True, timeout=60,
         env={"PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr

@@ -69,7 +69,7 @@ def build(snap: Snapshot, out_dir: Path) -> Path:
             env[k] = os.environ[k]
     proc = subprocess.run(
         ["bash", str(snap.root / "packaging" / "build-deb.sh"), str(out_dir)],
-        env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+        check=False, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"build-deb.sh failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
