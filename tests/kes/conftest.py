@@ -12,14 +12,19 @@ import pytest
 from kes.keyring import KeyStore, MemKeyStore
 from kes.vaultstore import VaultKeyStore, VaultStoreConfig
 from tests.support.bao import DevBao
-from tests.support.vaultenv import ensure_mounts
 
 TRANSIT_KEY = "kes-test"
 
 
 def prepare_vault(root: hvac.Client) -> None:
     """KV v1 at kv1/, KV v2 at secret/ (dev default), a plain transit key for wrapping."""
-    ensure_mounts(root)
+    mounts = root.sys.list_mounted_secrets_engines()["data"]
+    if "secret/" not in mounts:
+        root.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
+    if "kv1/" not in mounts:
+        root.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+    if "transit/" not in mounts:
+        root.sys.enable_secrets_engine("transit", path="transit")
     keys: list[str] = []
     with contextlib.suppress(hvac.exceptions.InvalidPath):
         keys = root.secrets.transit.list_keys()["data"]["keys"]
