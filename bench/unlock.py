@@ -35,7 +35,7 @@ def bootkey_check(cfg_file: Path) -> float:
     return time.perf_counter() - t0
 
 
-def baseline(address: str, role_id: str, secret_id: str, mount: str, paths: list[str],
+def baseline(address: str, role_id: str, secret_id: str, mount: str, *, paths: list[str],
              images: list[str]) -> float:
     """One login + KV read + argon2id test per volume, serially (as vaultlocker does)."""
     t0 = time.perf_counter()
@@ -91,7 +91,7 @@ def main() -> None:
                 paths = [f"bootkey/{env.host_id}/{luks.inspect(str(vdir / f'v{i}.img')).uuid}"
                          for i in range(n)]
                 base = baseline(env.address, env.role_id, env.secret_id_file.read_text(),
-                                env.kv_mount, paths, imgs)
+                                env.kv_mount, paths=paths, images=imgs)
             rows.append((n, ours, base))
             print(f"{n:>3} volumes: bootkey {ours:.3f} s, baseline {base:.3f} s",
                   file=sys.stderr)
@@ -99,7 +99,7 @@ def main() -> None:
               f"{a.repeat}) | baseline: login + KV read + argon2id per volume | speed-up |")
         print("|---:|---:|---:|---:|")
         for n, ours, base in rows:
-            print(f"| {n} | {ours:.3f} s | {base:.2f} s | {base / ours:.0f}× |")
+            print(f"| {n} | {ours:.3f} s | {base:.2f} s | {base / ours:.0f}x |")
     finally:
         bao.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from bootkey.secret import SecretBuffer
+from tests.support.bao import DevBao
 from tests.support.luksimg import enroll_direct, make_image
 from tests.support.notify import NotifyListener
 from tests.support.scan import files_under, find_key
@@ -17,7 +18,7 @@ from tests.support.vaultenv import VaultEnv
 
 
 def test_known_key_never_printed_logged_or_written(vault_env2: VaultEnv, tmp_path: Path,
-                                                   bao: object) -> None:
+                                                   bao: DevBao) -> None:
     keys = [os.urandom(64) for _ in range(2)]
     cfg = vault_env2.config()
     vols = tmp_path / "vols"
@@ -53,7 +54,7 @@ def test_known_key_never_printed_logged_or_written(vault_env2: VaultEnv, tmp_pat
                 ("sd_notify", "\n".join(notify.messages).encode())]
     # the images hold the key only wrapped by the keyslot's KDF; everything else is text
     blobs = outputs + list(files_under(tmp_path, skip_suffixes=(".img",)))
-    blobs += list(files_under(Path(getattr(bao, "workdir"))))
+    blobs += list(files_under(bao.workdir))
     for k in keys:
         assert find_key(k, blobs) == []
     # and the scanner does find a key where there is one
