@@ -1,0 +1,267 @@
+"""HTTP/1.1 request framing and response heads for the KES server, without I/O.
+
+`RequestParser.feed(bytes)` returns the events the bytes completed: whole requests
+(pipelined ones in order), a `100 Continue` to send, or a terminal `BadRequest`.
+`render_head` and `chunk` build the bytes of a response. kes/server.py only moves these
+bytes through TLS and the socket; everything here is tested with plain values.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import unquote_to_bytes
+
+import httptools
+from cryptography import x509
+
+from kes.http import MAX_BODY, Request
+
+# Go's net/http allows 1 MiB of headers; KES clients send a few hundred bytes. 64 KiB
+# bounds what one idle connection can make us hold while staying far above real use.
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class State(enum.Enum):
+    """Where the parser is between requests; the server picks its timeout from it."""
+
+    IDLE = "idle"  # no byte of the next request yet: idle timeout
+    HEADERS = "headers"  # inside a request head: read-header timeout
+    BODY = "body"  # head done, body incomplete: body timeout
+    DEAD = "dead"  # a BadRequest was returned; feed nothing more
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    request: Request
+    keep_alive: bool  # HTTP/1.1 without `Connection: close`, or HTTP/1.0 with keep-alive
+    http10: bool  # the response cannot be chunked; it must be close-delimited when streamed
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """The client sent `Expect: 100-continue` and waits for a go-ahead (curl, big bodies)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """Malformed input. The server answers with this status and closes (as Go's server)."""
+
+    status: int
+    detail: str  # for the log only; the client gets the bare status text like Go's
+
+
+Event = Parsed | Continue | BadRequest
+
+
+class RequestParser:
+    """One per connection. Identity, certificate and remote address are fixed at the TLS
+    handshake and copied into every request."""
+
+    def __init__(
+        self,
+        *,
+        identity: str | None,
+        peer_cert: x509.Certificate | None,
+        remote: str,
+        max_body: int = MAX_BODY,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self._identity = identity
+        self._peer_cert = peer_cert
+        self._remote = remote
+        self._max_body = max_body
+        self._max_header_bytes = max_header_bytes
+        self._clock = clock
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self.state = State.IDLE
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._too_large = False
+        self._keep_alive = True
+        self._http10 = False
+        self._received_ns = 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self.state is State.DEAD:
+            return []
+        events = self._events = []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade/CONNECT: the request itself completed and is answered, but KES has no
+            # protocol to switch to, so the bytes after it are not HTTP/1.1 for us.
+            self._die(400, "protocol upgrade requested")
+        except httptools.HttpParserError as exc:
+            # An exception raised in a callback comes back wrapped, with the original as context.
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._die(431, "request head exceeds limit")
+            else:
+                self._die(400, str(exc.__context__ or exc) or type(exc).__name__)
+        return events
+
+    def _die(self, status: int, detail: str) -> None:
+        self.state = State.DEAD
+        self._events.append(BadRequest(status, detail))
+
+    # httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.state = State.HEADERS
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        # Header bytes are latin-1 per RFC 9110 §5.5; lower-cased names as kes/http.py promises.
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = self._headers.get(key)
+        self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def _count_head(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self._max_header_bytes:
+            raise _HeadTooLarge
+
+    def on_headers_complete(self) -> None:
+        self._received_ns = self._clock()
+        self._keep_alive = self._parser.should_keep_alive()
+        self._http10 = self._parser.get_http_version() == "1.0"
+        self.state = State.BODY
+        if not self._http10 and self._headers.get("expect", "").lower() == "100-continue":
+            self._events.append(Continue())
+
+    def on_body(self, body: bytes) -> None:
+        if self._too_large:
+            return  # keep parsing to stay in sync with the stream, but buffer no more
+        room = self._max_body - self._body_len
+        if len(body) > room:
+            self._too_large = True
+            body = body[:room]
+        if body:
+            self._body.append(body)
+            self._body_len += len(body)
+
+    def on_message_complete(self) -> None:
+        method = self._parser.get_method().decode("ascii")
+        path = _decode_path(self._url)
+        if path is None:
+            raise httptools.HttpParserInvalidURLError("invalid request target")
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = Request(
+            method=method,
+            path=path,
+            headers=self._headers,
+            body=body,
+            identity=self._identity,
+            peer_cert=self._peer_cert,
+            remote=self._remote,
+            body_too_large=self._too_large,
+            received_ns=self._received_ns,
+        )
+        self._events.append(Parsed(request, self._keep_alive, self._http10))
+        self._reset()
+        self.state = State.IDLE
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+def _decode_path(url: bytes) -> str | None:
+    """Percent-decoded path without the query, as Go's `r.URL.Path`; None if unusable."""
+    if url.startswith(b"/") and b"%" not in url and b"?" not in url and b"#" not in url:
+        raw = url  # the common case, no parsing needed
+    else:
+        try:
+            raw = httptools.parse_url(url).path or b""
+        except httptools.HttpParserInvalidURLError:
+            return None
+        if not raw.startswith(b"/"):
+            return None
+        raw = unquote_to_bytes(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+# Responses ------------------------------------------------------------------------------
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+    return line
+
+
+def render_head(
+    status: int,
+    *,
+    content_type: str | None,
+    length: int | None,
+    headers: Iterable[tuple[str, str]] = (),
+    keep_alive: bool,
+    http10: bool,
+    date: bytes,
+) -> bytes:
+    """The status line and headers. `length=None` means a streamed body: chunked for
+    HTTP/1.1, close-delimited for HTTP/1.0 (which has no chunked encoding)."""
+    parts = [_status_line(status), b"Date: ", date, b"\r\n"]
+    if content_type is not None:
+        parts += (b"Content-Type: ", content_type.encode("latin-1"), b"\r\n")
+    if length is not None:
+        parts += (b"Content-Length: ", str(length).encode("ascii"), b"\r\n")
+    elif not http10:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    for name, value in headers:
+        parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif http10:
+        parts.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told otherwise
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def error_response(status: int, date: bytes) -> bytes:
+    """What Go's server sends for a request it cannot parse: the bare status as text."""
+    body = f"{status} {HTTPStatus(status).phrase}".encode("ascii")
+    head = render_head(
+        status,
+        content_type="text/plain; charset=utf-8",
+        length=len(body),
+        keep_alive=False,
+        http10=False,
+        date=date,
+    )
+    return head + body

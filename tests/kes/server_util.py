@@ -1,0 +1,198 @@
+"""Helpers for the KES transport tests: certificates on disk for clients, a recording
+handler, and a small HTTP/1.1 response reader that keeps its buffer across pipelined
+responses (http.client's does not)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kes.http import Request, Response
+from kes.tls import TLSConfig
+from tests.support.certs import Issued, make_ca, make_leaf
+
+
+@dataclass
+class Pki:
+    ca: Issued
+    server: Issued
+    tmp: Path
+
+    @classmethod
+    def create(cls, tmp: Path) -> Pki:
+        ca = make_ca("kes-test-ca")
+        server = make_leaf(ca, "kes-server", ips=["127.0.0.1"], dns=["localhost"])
+        (tmp / "ca.pem").write_bytes(ca.cert_pem)
+        return cls(ca, server, tmp)
+
+    def tls(self, client_ca_pem: bytes | None = None, verify_client: bool = False) -> TLSConfig:
+        return TLSConfig(self.server.cert_pem, self.server.key_pem, client_ca_pem, verify_client)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tmp / "ca.pem"
+
+    def write_client(self, client: Issued, name: str) -> tuple[Path, Path]:
+        cert, key = self.tmp / f"{name}.crt", self.tmp / f"{name}.key"
+        cert.write_bytes(client.cert_pem)
+        key.write_bytes(client.key_pem)
+        return cert, key
+
+    def client_context(
+        self,
+        client: Issued | None,
+        name: str = "client",
+        *,
+        version: ssl.TLSVersion | None = None,
+        alpn: list[str] | None = None,
+    ) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        if client is not None:
+            cert, key = self.write_client(client, name)
+            ctx.load_cert_chain(str(cert), str(key))
+        if version is not None:
+            ctx.minimum_version = ctx.maximum_version = version
+        if alpn is not None:
+            ctx.set_alpn_protocols(alpn)
+        return ctx
+
+
+@dataclass
+class Recorder:
+    """Handler that records requests and answers with what it saw, as JSON."""
+
+    requests: list[Request] = field(default_factory=list)
+    respond: Callable[[Request], Response] | None = None
+
+    async def __call__(self, request: Request) -> Response:
+        self.requests.append(request)
+        if self.respond is not None:
+            return self.respond(request)
+        await asyncio.sleep(0)  # exercise the suspended-handler path too
+        body = {
+            "identity": request.identity,
+            "path": request.path,
+            "method": request.method,
+            "len": len(request.body),
+            "too_large": request.body_too_large,
+        }
+        return Response(200, json.dumps(body).encode())
+
+
+def connect(
+    port: int, ctx: ssl.SSLContext, *, session: ssl.SSLSession | None = None,
+    timeout: float = 10.0, ragged_eof_is_error: bool = True,
+) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return ctx.wrap_socket(
+        raw, server_hostname="127.0.0.1", session=session,
+        suppress_ragged_eofs=not ragged_eof_is_error,
+    )
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict[str, object]:
+        value = json.loads(self.body)
+        assert isinstance(value, dict)
+        return value
+
+
+class Reader:
+    """Reads successive HTTP/1.1 responses from one socket."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _more(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            if not self._more():
+                raise EOFError("connection closed")
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._more():
+                raise EOFError("connection closed")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def response(self) -> Reply:
+        status_line = self._line()
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while line := self._line():
+            name, value = line.decode("latin-1").split(":", 1)
+            headers[name.lower()] = value.strip()
+        if 100 <= status < 200:
+            body = b""
+        elif "content-length" in headers:
+            body = self._exactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b"".join(self.chunks())
+        else:
+            body = self.rest()
+        return Reply(status, headers, body)
+
+    def chunks(self) -> list[bytes]:
+        out = []
+        while True:
+            size = int(self._line(), 16)
+            if size == 0:
+                self._line()
+                return out
+            out.append(self._exactly(size))
+            self._line()
+
+    def next_chunk(self) -> bytes | None:
+        size = int(self._line(), 16)
+        if size == 0:
+            self._line()
+            return None
+        data = self._exactly(size)
+        self._line()
+        return data
+
+    def rest(self) -> bytes:
+        while self._more():
+            pass
+        out, self.buf = self.buf, b""
+        return out
+
+    def at_eof(self) -> bool:
+        """True once the server has closed (cleanly); waits for it."""
+        return not self.buf and not self._more()
+
+
+def request(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+    if body or method in ("POST", "PUT"):
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
