@@ -24,10 +24,22 @@ from bootkey import secret, unlock
 from bootkey.config import Config
 from bootkey.errors import BootkeyError, DeadlineExceeded
 from bootkey.notify import Notifier, watchdog_interval
+from bootkey.secret import SecretBuffer
 from bootkey.unlock import Volume, VolumeResult
 from bootkey.vault import VaultSession, WaitInfo
 
 log = logging.getLogger(__name__)
+
+
+def keysocket_component(agent: Agent) -> Component | None:
+    """The crypttab key socket: in socket mode, or whenever systemd hands us its fd."""
+    from bootkey import keysocket
+
+    fds = keysocket.systemd_fds()
+    if agent.cfg.unlock.mode != "socket" and keysocket.pick_activated_fd(fds) is None:
+        return None
+    return keysocket.KeySocketServer(agent.cfg.keysocket, agent.key_for, agent.is_managed,
+                                     activated_fds=fds)
 
 
 class Interrupted(Exception):
@@ -48,10 +60,46 @@ class Agent:
     check: bool = False
     require_mlock: bool = False
     notifier: Notifier = field(default_factory=Notifier)
-    components: list[ComponentFactory] = field(default_factory=list)
+    components: list[ComponentFactory] = field(
+        default_factory=lambda: [keysocket_component])
     stop_event: threading.Event = field(default_factory=threading.Event)
     session: VaultSession | None = None
     results: dict[str, VolumeResult] = field(default_factory=dict)
+    logged_in: threading.Event = field(default_factory=threading.Event)
+    _volumes: dict[str, Volume] = field(default_factory=dict)
+    _volumes_at: float = 0.0
+    _volumes_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---- volumes and keys, for the components ------------------------------------
+
+    def volumes(self, *, refresh: bool = False) -> dict[str, Volume]:
+        """Managed volumes by name; re-resolved on request at most every 2 s (a key
+        socket client or hotplug event may name a volume that just appeared)."""
+        with self._volumes_lock:
+            stale = refresh and time.monotonic() - self._volumes_at > 2.0
+            if stale or not self._volumes_at:
+                vols, _ = unlock.resolve_volumes(self.cfg)
+                self._volumes = {v.name: v for v in vols}
+                self._volumes_at = time.monotonic()
+            return dict(self._volumes)
+
+    def is_managed(self, name: str) -> bool:
+        return name in self.volumes() or name in self.volumes(refresh=True)
+
+    def key_for(self, volume: str, deadline: float) -> SecretBuffer | None:
+        """The key socket's provider: waits (bounded) for the Vault login, then fetches,
+        unseals and verifies the volume's key. None declines."""
+        vol = self.volumes().get(volume) or self.volumes(refresh=True).get(volume)
+        if vol is None:
+            return None
+        if not self.logged_in.wait(max(0.0, deadline - time.monotonic())):
+            log.warning("key socket: Vault login not done in time for %s", volume)
+            return None
+        try:
+            return unlock.key_for_volume(self._session(), vol, deadline)
+        except BootkeyError as e:
+            log.error("key socket: volume %s: %s", volume, e)
+            return None
 
     def _session(self) -> VaultSession:
         if self.session is None:
@@ -149,12 +197,13 @@ class Agent:
             self.notifier.status("logging in to Vault")
             self.session = VaultSession.from_config(self.cfg, on_wait=self._on_wait,
                                                     sleep=self._sleep)
-            self.session.login(deadline=self.cfg.unlock.deadline)
             for factory in self.components:
                 comp = factory(self)
                 if comp is not None:
                     comp.start()
                     started.append(comp)
+            self.session.login(deadline=self.cfg.unlock.deadline)
+            self.logged_in.set()
             if self.cfg.unlock.mode == "agent":
                 volumes, failed = unlock.resolve_volumes(self.cfg)
                 for r in failed:

@@ -210,6 +210,39 @@ def open_with_key(vol: Volume, key: SecretBuffer, keyslot: int) -> Outcome:
     return Outcome.OPENED if res is luks.OpenResult.OPENED else Outcome.ALREADY_OPEN
 
 
+def candidate_keys(session: VaultSession, vol: Volume,
+                   deadline_at: float) -> list[keystore.SealedKey]:
+    """The sealed keys worth trying, best first: active before pending/retiring, and
+    only those whose keyslot exists in the header."""
+    remaining = deadline_at - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded(f"volume {vol.name}: unlock deadline passed")
+    entry = keystore.read_entry(session, vol.location, remaining)
+    if entry is None:
+        raise VaultNotFound(
+            f"volume {vol.name} (UUID {vol.luks_uuid}): no key in Vault at "
+            f"{vol.location.display} — enroll it with `bootkey enroll {vol.device}`"
+        )
+    hdr_slots = set(luks.inspect(vol.device).keyslots)
+    keys = sorted((k for k in entry.keys if k.keyslot in hdr_slots),
+                  key=lambda k: (k.state != "active", -k.keyslot))
+    if not keys:
+        raise WrongKey(f"volume {vol.name} (UUID {vol.luks_uuid}): none of the keyslots "
+                       f"Vault holds keys for exists in the header — re-enroll it")
+    return keys
+
+
+def key_for_volume(session: VaultSession, vol: Volume, deadline_at: float) -> SecretBuffer:
+    """An unsealed key proven to open its keyslot (for the crypttab key socket). The
+    caller owns and must close the buffer."""
+    for k in candidate_keys(session, vol, deadline_at):
+        key = keystore.unseal(session, vol.location, k, deadline_at - time.monotonic())
+        if luks.test_key(vol.device, key, k.keyslot) is luks.KeyTest.OK:
+            return key
+        key.close()
+    raise WrongKey(f"volume {vol.name} (UUID {vol.luks_uuid}): no Vault key opens it")
+
+
 def unlock_one(session: VaultSession, vol: Volume, use: KeyUse,
                deadline_at: float) -> VolumeResult:
     """Fetch, unseal and use the key(s) of one volume. Never raises."""
@@ -219,23 +252,8 @@ def unlock_one(session: VaultSession, vol: Volume, use: KeyUse,
         if use is open_with_key and luks.is_active(vol.name):
             return VolumeResult(vol.name, vol.device, Outcome.ALREADY_OPEN, vol.luks_uuid,
                                 seconds=time.monotonic() - t0)
-        remaining = deadline_at - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded(f"volume {vol.name}: unlock deadline passed")
-        entry = keystore.read_entry(session, vol.location, remaining)
-        if entry is None:
-            raise VaultNotFound(
-                f"volume {vol.name} (UUID {vol.luks_uuid}): no key in Vault at "
-                f"{vol.location.display} — enroll it with `bootkey enroll {vol.device}`"
-            )
-        hdr_slots = set(luks.inspect(vol.device).keyslots)
-        keys = sorted((k for k in entry.keys if k.keyslot in hdr_slots),
-                      key=lambda k: (k.state != "active", -k.keyslot))
-        if not keys:
-            raise WrongKey(f"volume {vol.name} (UUID {vol.luks_uuid}): none of the keyslots "
-                           f"Vault holds keys for exists in the header — re-enroll it")
         last: BootkeyError | None = None
-        for k in keys:
+        for k in candidate_keys(session, vol, deadline_at):
             with keystore.unseal(session, vol.location, k,
                                  deadline_at - time.monotonic()) as key:
                 try:

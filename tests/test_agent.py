@@ -145,3 +145,31 @@ def test_wrong_secret_id_fails_fast(vault_env2: VaultEnv, tmp_path: Path,
     assert proc.returncode == 80, err
     assert time.monotonic() - t0 < 10
     assert "cannot log in" in err and "secret_id" in err
+
+
+def test_socket_mode_serves_verified_keys_to_systemd_clients(
+        vault_env2: VaultEnv, tmp_path: Path, notify: NotifyListener) -> None:
+    """mode = "socket": the agent opens nothing itself and answers systemd-cryptsetup's
+    requests on the key socket with each volume's Vault key, verbatim."""
+    from bootkey.secret import SecretBuffer
+    from tests.test_keysocket import systemd_client
+
+    cfg = vault_env2.config()
+    key = os.urandom(64)
+    enroll_direct(cfg, vault_env2.enroll_token, make_image(tmp_path / "data.img"),
+                  name="data", key=SecretBuffer.from_bytes(bytearray(key)))
+    sock = tmp_path / "run" / "cryptsetup.sock"
+    cfg_file = tmp_path / "bootkey.toml"
+    cfg_file.write_text(vault_env2.toml(f'[keysocket]\npath = "{sock}"\ntimeout = "10s"\n')
+                        .replace("[unlock]\n", f'[unlock]\nmode = "socket"\n'
+                                 f'search = ["{tmp_path}/*.img"]\n'))
+    proc = start_agent(cfg_file, notify)
+    try:
+        notify.wait_for(lambda m: m == "READY=1")
+        assert systemd_client(sock, "data") == key
+        assert systemd_client(sock, "nosuch") == b""
+        assert "STATUS=serving keys to systemd-cryptsetup" in notify.messages
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
+    assert not sock.exists()
