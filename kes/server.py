@@ -29,7 +29,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from email.utils import formatdate
 from types import TracebackType
 from typing import Any, TypedDict, Unpack, cast
@@ -692,7 +692,9 @@ def _listener(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-async def _serve_until_signal(server: Server, sock: socket.socket, ready: Any = None) -> None:
+async def _serve_until_signal(
+    server: Server, sock: socket.socket, ready: Callable[[int], None] | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -700,12 +702,14 @@ async def _serve_until_signal(server: Server, sock: socket.socket, ready: Any = 
     await server.start(sock=sock)
     log.info("kes: serving on %s:%d (pid %d)", *sock.getsockname()[:2], os.getpid())
     if ready is not None:
-        ready()
+        ready(server.port)
     await stop.wait()
     await server.close()
 
 
-def _serve_in_process(server: Server, sock: socket.socket, ready: Any = None) -> None:
+def _serve_in_process(
+    server: Server, sock: socket.socket, ready: Callable[[int], None] | None = None
+) -> None:
     loop = new_event_loop()
     try:
         loop.run_until_complete(_serve_until_signal(server, sock, ready))
@@ -720,7 +724,7 @@ def run(
     port: int = 7373,
     workers: int = 1,
     *,
-    ready: Any = None,
+    ready: Callable[[int], None] | None = None,
     **timeouts: Unpack[Timeouts],
 ) -> None:
     """Serve until SIGTERM or SIGINT. With `workers > 1` the parent builds the SSL context
@@ -728,7 +732,7 @@ def run(
     only supervises: it forwards SIGTERM/SIGINT as SIGTERM, and if a worker dies it stops
     the others and raises. Workers die with the parent (PR_SET_PDEATHSIG). Anything the
     handler holds that cannot survive fork (threads, open connections) must be created
-    lazily, in the worker. `ready()`, if given, is called once everything listens."""
+    lazily, in the worker. `ready(port)`, if given, is called once everything listens."""
     context = build_context(tls) if isinstance(tls, TLSConfig) else tls
     if workers <= 1:
         server = Server(handler, context, **timeouts)
@@ -764,7 +768,7 @@ def run(
         for sock in socks:
             sock.close()
         if ready is not None:
-            ready()
+            ready(bound)
         _supervise(children)
     finally:
         for pid in list(children):

@@ -1,0 +1,138 @@
+"""`kes.server.run` with SO_REUSEPORT workers, as a real process tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.kes.server_util import Pki, Reader, connect, request, wait_for
+from tests.support.certs import make_leaf
+
+SCRIPT = r"""
+import os, sys
+from kes.http import Response
+from kes.server import run
+from kes.tls import TLSConfig
+
+async def handler(request):
+    return Response(200, b'{"pid":%d}' % os.getpid())
+
+cert, key = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read()
+run(handler, TLSConfig(cert, key), port=0, workers=int(sys.argv[3]),
+    ready=lambda port: print(port, flush=True))
+print("parent done", flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; only its reaper is missing
+
+
+def _children(pid: int) -> set[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: set[int] = set()
+    for task in tasks.iterdir():
+        text = (task / "children").read_text().split()
+        found.update(int(c) for c in text)
+    return found
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[str]
+    port: int
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki.create(tmp_path)
+
+
+@pytest.fixture
+def workers(pki: Pki, tmp_path: Path) -> Iterator[Running]:
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_bytes(pki.server.cert_pem)
+    key.write_bytes(pki.server.key_pem)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(cert), str(key), "2"],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip().isdigit(), line
+    try:
+        yield Running(proc, int(line))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _pid_of_answer(port: int, ctx: ssl.SSLContext,
+                   session: ssl.SSLSession | None = None) -> tuple[int, bool, ssl.SSLSession]:
+    with connect(port, ctx, session=session) as s:
+        s.sendall(request("GET", "/version"))
+        pid = Reader(s).response().json()["pid"]
+        assert isinstance(pid, int)
+        assert s.session is not None
+        return pid, s.session_reused, s.session
+
+
+def test_two_workers_serve_share_tickets_and_stop_on_sigterm(
+    pki: Pki, workers: Running
+) -> None:
+    ctx = pki.client_context(make_leaf(None, "minio", kind="ed25519", client=True))
+    worker_pids = _children(workers.proc.pid)
+    assert len(worker_pids) == 2
+
+    seen: set[int] = set()
+    pid, _, session = _pid_of_answer(workers.port, ctx)
+    seen.add(pid)
+    resumed = 0
+    for _ in range(60):  # connections spread over both workers by the 4-tuple hash
+        pid, reused, _ = _pid_of_answer(workers.port, ctx, session)
+        seen.add(pid)
+        resumed += reused
+        if len(seen) == 2 and resumed >= 10:
+            break
+    assert seen == worker_pids
+    # The context (and its ticket keys) was built before forking: every resumption works
+    # whichever worker answers.
+    assert resumed >= 10
+
+    workers.proc.send_signal(signal.SIGTERM)
+    assert workers.proc.wait(15) == 0
+    assert workers.proc.stdout is not None
+    assert "parent done" in workers.proc.stdout.read()
+    assert not any(_alive(p) for p in worker_pids)
+
+
+def test_workers_die_with_a_killed_parent(workers: Running) -> None:
+    worker_pids = _children(workers.proc.pid)
+    assert len(worker_pids) == 2
+    workers.proc.kill()
+    workers.proc.wait(10)
+    wait_for(lambda: not any(_alive(p) for p in worker_pids), what="orphaned workers to exit")
+
+
+def test_a_dying_worker_stops_the_service(workers: Running) -> None:
+    worker_pids = sorted(_children(workers.proc.pid))
+    os.kill(worker_pids[0], signal.SIGKILL)
+    # Half a service on a shared port is worse than none: the parent stops the rest and
+    # exits non-zero so that systemd restarts the whole unit.
+    assert workers.proc.wait(15) != 0
+    assert not _alive(worker_pids[1])
