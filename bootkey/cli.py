@@ -20,6 +20,8 @@ from bootkey.errors import BootkeyError
 _COMMAND_MODULES = (
     "unlock",
     "agent",
+    "enroll",
+    "policy",
 )
 
 EPILOG = """\

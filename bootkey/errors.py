@@ -106,6 +106,12 @@ class LastKeyslot(DeviceError):
     exit_code = 86
 
 
+class NotBlank(DeviceError):
+    """Refused to format: the device holds a filesystem, partition table or LUKS header."""
+
+    exit_code = 89
+
+
 class CryptsetupFailed(DeviceError):
     exit_code = os.EX_IOERR  # 74
 

@@ -65,7 +65,8 @@ class SealedKey(BaseModel):
     created_at: str
     # "active": in use. "pending": written by an enroll/rotate that has not finished;
     # its keyslot may or may not exist yet (resume decides from the header).
-    state: Literal["active", "pending"] = "active"
+    # "retiring": replaced by a rotate; its keyslot is about to be killed (bootkey.enroll).
+    state: Literal["active", "pending", "retiring"] = "active"
 
     @field_validator("sealed")
     @classmethod
@@ -85,6 +86,9 @@ class Entry(BaseModel):
     luks_uuid: str
     name: str | None = None
     keys: list[SealedKey]
+    # Set only between the Vault write and luksFormat of `bootkey enroll --format`: the
+    # device being formatted, so a re-run finds this entry while the device is still blank.
+    formatting: str | None = None
 
     def to_kv(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

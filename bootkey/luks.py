@@ -121,7 +121,7 @@ def _fail(dev: str, verb: str, res: _proc.Completed) -> Exception:
         return NotLuks(f"{dev}: cannot {verb}: not a LUKS device")
     if res.returncode == 5 or "in use" in low or "busy" in low:
         return DeviceBusy(f"{dev}: cannot {verb}: device is busy or in use ({first})")
-    if "all key slots full" in low or "no free" in low:
+    if "all key slots full" in low or "no free" in low or "no space for new keyslot" in low:
         return NoFreeKeyslot(f"{dev}: cannot {verb}: no free keyslot — remove an unused one "
                              "with `cryptsetup luksKillSlot`")
     return CryptsetupFailed(f"{dev}: cannot {verb}: cryptsetup: {first}")
@@ -222,14 +222,15 @@ def open_volume(dev: str, name: str, key: SecretBuffer, *, readonly: bool = Fals
 
 
 def add_key(dev: str, existing: SecretBuffer, new: SecretBuffer,
-            keyslot: int | None = None) -> int:
+            keyslot: int | None = None, *, pbkdf: tuple[str, ...] = FAST_PBKDF) -> int:
     """Add `new` in a new keyslot, authorised by `existing`. Returns the keyslot.
 
     Both keys go on stdin: `--keyfile-size` tells cryptsetup where the existing key ends
     and the final `-` reads the new one, so either may contain any byte (secboot AddKey).
     """
     before = set(inspect(dev).keyslots)
-    args = ["luksAddKey", "--batch-mode", *FAST_PBKDF, "--key-file=-",
+    # pbkdf=() keeps cryptsetup's benchmarked default (argon2id): for human passphrases.
+    args = ["luksAddKey", "--batch-mode", *pbkdf, "--key-file=-",
             "--keyfile-size", str(len(existing)), "--new-keyfile-size", str(len(new))]
     if keyslot is not None:
         args += ["--new-key-slot", str(keyslot)]

@@ -1,0 +1,110 @@
+"""enroll → unlock --check → rotate → unlock --check → unenroll, through the `bootkey`
+CLI, on real LUKS2 images and a real OpenBao (KV v2 and v1), asserting Vault contents and
+keyslots after each step."""
+
+from __future__ import annotations
+
+import json
+
+from bootkey import keystore
+from tests.enroll.conftest import Env
+
+
+def test_enroll_rotate_unenroll(env: Env) -> None:
+    dev = env.image("data")
+    pw = env.passfile()
+
+    res = env.bootkey("enroll", dev, "--name", "data", "--unlock-key-file", str(pw), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["keyslots"] == [1]
+    st = env.state(dev)
+    assert st.keyslots == {0, 1}
+    assert st.token_slots == [{1}]
+    assert st.keys == [(1, "active")]
+    assert env.vault_key_opens(dev) == [1]
+    assert env.passphrase_opens(dev)
+    assert env.backups() == []  # removed after success
+    assert (env.rundir.backups.stat().st_mode & 0o777) == 0o700
+    # the token names the Vault location, never the key
+    loc = env.loc(dev)
+    entry = keystore.read_entry(env.session(), loc)
+    assert entry is not None and entry.name == "data" and entry.formatting is None
+    assert entry.keys[0].sealed.startswith("vault:v")
+
+    chk = env.unlock_check()
+    assert chk["_rc"]["rc"] == 0, chk
+    assert chk[dev]["result"] == "verified" and chk[dev]["keyslot"] == 1
+    assert chk[dev]["name"] == "data"
+
+    sealed_before = entry.keys[0].sealed
+    res = env.bootkey("rotate", "data")  # by name, found from the token
+    assert res.returncode == 0, res.stderr
+    st = env.state(dev)
+    assert st.keyslots == {0, 2}
+    assert st.token_slots == [{2}]
+    assert st.keys == [(2, "active")]
+    assert env.vault_key_opens(dev) == [2]
+    entry = keystore.read_entry(env.session(), loc)
+    assert entry is not None and entry.keys[0].sealed != sealed_before
+    if env.vault.kv_version == 2:  # retired sealed key destroyed in every old version
+        meta = env.session().kv_metadata(loc.kv_mount, loc.path)
+        assert meta is not None
+        cur = int(meta["current_version"])
+        assert all(v["destroyed"] for n, v in meta["versions"].items() if int(n) < cur)
+    chk = env.unlock_check()
+    assert chk[dev]["result"] == "verified" and chk[dev]["keyslot"] == 2
+
+    res = env.bootkey("rotate", dev, "--rewrap")
+    assert res.returncode == 0, res.stderr
+    assert env.state(dev).keys == [(2, "active")]
+    assert env.vault_key_opens(dev) == [2]
+
+    res = env.bootkey("unenroll", dev, "--unlock-key-file", str(pw))
+    assert res.returncode == 0, res.stderr
+    st = env.state(dev)
+    assert st.keyslots == {0} and st.token_slots == []
+    assert st.keys == [(2, "active")]  # without --purge the Vault copy stays
+    assert env.passphrase_opens(dev)
+
+    res = env.bootkey("unenroll", dev, "--purge")
+    assert res.returncode == 0, res.stderr
+    st = env.state(dev)
+    assert not st.entry_exists and st.keyslots == {0} and st.token_slots == []
+    assert env.backups() == []
+
+
+def test_enroll_twice_is_idempotent(env2: Env) -> None:
+    env = env2
+    dev = env.image()
+    pw = env.passfile()
+    assert env.bootkey("enroll", dev, "--unlock-key-file", str(pw)).returncode == 0
+    before = env.state(dev)
+    res = env.bootkey("enroll", dev, "--unlock-key-file", str(pw))
+    assert res.returncode == 0, res.stderr
+    assert "already enrolled" in res.stdout
+    assert env.state(dev) == before
+
+
+def test_enroll_keyslot_and_stdin_key(env2: Env) -> None:
+    env = env2
+    pw = b"pass with\nnewline\n"
+    dev = env.image(passphrase=pw)
+    res = env.bootkey("enroll", dev, "--keyslot", "7", "--unlock-key-file", "-", stdin=pw)
+    assert res.returncode == 0, res.stderr
+    assert env.state(dev).keys == [(7, "active")]
+    assert env.vault_key_opens(dev) == [7]
+
+
+def test_format_blank_image(env2: Env) -> None:
+    env = env2
+    dev = str(env.tmp / "blank.img")
+    with open(dev, "wb") as f:
+        f.truncate(20 << 20)
+    res = env.bootkey("enroll", dev, "--format", "--name", "fresh", "--json")
+    assert res.returncode == 0, res.stderr
+    st = env.state(dev)
+    assert st.keyslots == {0} and st.token_slots == [{0}] and st.keys == [(0, "active")]
+    assert env.vault_key_opens(dev) == [0]
+    chk = env.unlock_check()
+    assert chk[dev]["result"] == "verified"
