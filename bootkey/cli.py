@@ -22,6 +22,8 @@ _COMMAND_MODULES = (
     "agent",
     "enroll",
     "policy",
+    "crypttab",
+    "kes",
 )
 
 EPILOG = """\
