@@ -64,6 +64,14 @@ class Route:
         return self.path.endswith("/")
 
 
+def _ip(remote: str) -> str:
+    """"10.0.0.5:41234" / "[::1]:41234" → the address alone, as KES's audit log has it."""
+    if remote.startswith("["):
+        return remote[1:].split("]", 1)[0]
+    host, sep, port = remote.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else remote
+
+
 def go_json(obj: Any) -> bytes:
     """JSON as Go's encoder writes it: compact, HTML-escaped, trailing newline."""
     s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
@@ -197,7 +205,7 @@ class Api:
         if route.metered:
             self.metrics.request_done(resp.status, elapsed)
         if route.audited:
-            self.audit.record(method=method, path=req.path, ip=req.remote,
+            self.audit.record(method=method, path=req.path, ip=_ip(req.remote),
                               identity=req.identity or "", status=resp.status,
                               millis=round(elapsed * 1000))
         return resp

@@ -125,6 +125,8 @@ class HubHandler(logging.Handler):
         self.setFormatter(logging.Formatter("time=%(asctime)s level=%(levelname)s msg=%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name == audit_log.name:
+            return  # audit records have their own stream
         try:
             self.hub.publish({"message": self.format(record)})
         except Exception:

@@ -1,0 +1,193 @@
+"""`bootkey kes …`: KES identities, API keys for MinIO, and a standalone KES server.
+
+Argument parsing and output only; the work is in kes.apikey, kes.identity, kes.service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from bootkey.errors import ConfigError, UsageError
+
+HELP = """\
+KES endpoint for MinIO (SSE-S3/SSE-KMS), with master keys in Vault.
+
+examples:
+  bootkey kes api-key new                       a key + identity for MINIO_KMS_KES_API_KEY
+  bootkey kes identity of client.crt            the identity a policy needs for a cert
+  bootkey kes identity new --key k.key --cert k.crt --ip 127.0.0.1
+  bootkey kes serve --config /etc/bootkey/bootkey.toml
+  bootkey kes serve --kes-config /etc/kes/config.yml   an existing KES config file
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("kes", help="MinIO KES endpoint: identities, API keys, server",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ks = p.add_subparsers(dest="kes_command", metavar="COMMAND", required=True)
+
+    ident = ks.add_parser("identity", help="compute or create KES identities")
+    isub = ident.add_subparsers(dest="identity_command", metavar="COMMAND", required=True)
+    of = isub.add_parser("of", help="print the identity of a certificate (PEM)")
+    of.add_argument("cert", type=Path, help="certificate file (PEM)")
+    of.set_defaults(run=run_identity_of)
+    new = isub.add_parser("new", help="create a private key and self-signed certificate")
+    new.add_argument("--key", type=Path, required=True, help="where to write the private key")
+    new.add_argument("--cert", type=Path, required=True, help="where to write the certificate")
+    new.add_argument("--name", default="", help="subject CN (default: the identity)")
+    new.add_argument("--ip", action="append", default=[], help="IP SAN (repeatable)")
+    new.add_argument("--dns", action="append", default=[], help="DNS SAN (repeatable)")
+    new.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+    new.add_argument("--force", action="store_true", help="overwrite existing files")
+    new.set_defaults(run=run_identity_new)
+
+    ak = ks.add_parser("api-key", help="KES API keys (kes:v1:…) for MinIO")
+    asub = ak.add_subparsers(dest="api_key_command", metavar="COMMAND", required=True)
+    ak_new = asub.add_parser("new", help="print a new API key and its identity")
+    ak_new.set_defaults(run=run_api_key_new)
+    ak_id = asub.add_parser("identity", help="print the identity of an API key read from stdin")
+    ak_id.set_defaults(run=run_api_key_identity)
+
+    serve = ks.add_parser("serve", help="run the KES server in the foreground")
+    src = serve.add_mutually_exclusive_group()
+    src.add_argument("--config", dest="serve_config", type=Path, metavar="FILE",
+                     help="bootkey.toml whose [kes] section to serve (default: bootkey's)")
+    src.add_argument("--kes-config", type=Path, metavar="FILE",
+                     help="a KES server config file (YAML) instead of bootkey.toml's [kes]")
+    serve.add_argument("--addr", help="listen address host:port (overrides the config)")
+    serve.add_argument("--workers", type=int, help="worker processes (overrides the config)")
+    serve.set_defaults(run=run_serve)
+
+
+def run_identity_of(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from kes.identity import of_certificate
+    try:
+        certs = x509.load_pem_x509_certificates(args.cert.read_bytes())
+    except OSError as e:
+        raise UsageError(f"{args.cert}: cannot read: {e.strerror}") from None
+    except ValueError:
+        raise UsageError(f"{args.cert}: not a PEM certificate — pass the client "
+                         "certificate file") from None
+    print(of_certificate(certs[0]))
+    return 0
+
+
+def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        raise UsageError(f"{path}: exists — remove it or pass --force") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot create: {e.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def run_identity_new(args: argparse.Namespace) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from kes.identity import of_certificate
+    try:
+        ips = [ipaddress.ip_address(i) for i in args.ip]
+    except ValueError as e:
+        raise UsageError(f"--ip: {e}") from None
+    key = Ed25519PrivateKey.generate()
+    now = dt.datetime.now(dt.UTC)
+    from kes.apikey import APIKey
+    ident = APIKey(key).identity
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.name or ident)])
+    b = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(minutes=5))
+         .not_valid_after(now + dt.timedelta(days=args.days))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH,
+                                               ExtendedKeyUsageOID.SERVER_AUTH]),
+                        critical=False))
+    sans: list[x509.GeneralName] = [x509.IPAddress(i) for i in ips]
+    sans += [x509.DNSName(d) for d in args.dns]
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = b.sign(key, None)
+    _write_new(args.key, key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()), 0o600, args.force)
+    _write_new(args.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644, args.force)
+    print(of_certificate(cert))
+    return 0
+
+
+def run_api_key_new(args: argparse.Namespace) -> int:
+    from kes.apikey import APIKey
+    key = APIKey.generate()
+    print(f"API key:  {key}")
+    print(f"Identity: {key.identity}")
+    print()
+    print("MinIO:    export MINIO_KMS_KES_API_KEY=<the API key above>")
+    print("Policy:   add the identity to a [kes.policy.<name>] identities list")
+    return 0
+
+
+def run_api_key_identity(args: argparse.Namespace) -> int:
+    from kes.apikey import APIKey, InvalidAPIKey
+    text = sys.stdin.readline()
+    try:
+        print(APIKey.parse(text).identity)
+    except InvalidAPIKey as e:
+        raise UsageError(f"stdin: {e} — pass a kes:v1:… key") from None
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from kes import config as kconf
+    from kes import server, service
+    from kes.config import host_port
+
+    factory = None
+    relogin = None
+    if args.kes_config:
+        cfg = kconf.load_yaml(args.kes_config)
+    else:
+        from bootkey import config as bconf
+        path = args.serve_config or args.config
+        bcfg = bconf.load(path)
+        cfg = kconf.from_section(bcfg.kes, f"{path or 'bootkey.toml'} [kes]")
+        if cfg.keystore.vault is None or not cfg.keystore.vault.endpoint:
+            from bootkey.vault import VaultSession
+            session = VaultSession.from_config(bcfg)
+            session.login()
+            factory = session.raw_client
+            relogin = session.renew_or_relogin
+    updates: dict[str, object] = {}
+    if args.addr:
+        try:
+            host_port(args.addr)
+        except ValueError as e:
+            raise UsageError(f"--addr: {e}") from None
+        updates["address"] = args.addr
+    if args.workers:
+        updates["workers"] = args.workers
+    if updates:
+        cfg = cfg.model_copy(update=updates)
+    svc = service.build(cfg, factory, vault_relogin=relogin)
+    svc.create_configured_keys()
+    try:
+        server.run(svc.handler, svc.tls, svc.host, svc.port, svc.workers,
+                   ready=lambda port: print(f"kes: listening on {svc.host}:{port}",
+                                            file=sys.stderr, flush=True))
+    except OSError as e:
+        raise ConfigError(f"kes: cannot listen on {svc.host}:{svc.port}: {e.strerror}") from None
+    finally:
+        svc.close()
+    return 0

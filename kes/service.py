@@ -1,0 +1,219 @@
+"""The one entry point that turns KES configuration into a running service's parts.
+
+`build(section, vault_client_factory)` is shared by `bootkey kes serve` (standalone, KES
+YAML or bootkey.toml) and the agent (embedded, reusing its Vault session):
+
+    svc = kes.service.build(cfg.kes, vault_client_factory=session.raw_client)
+    with ServerThread(svc.handler, svc.tls, svc.host, svc.port):
+        ...
+    svc.close()
+
+Invariant: nothing here writes key material anywhere; the server's TLS private key is read
+into memory (decrypted there if `tls.password` is set) and handed to OpenSSL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hvac
+from cryptography.hazmat.primitives import serialization
+
+from bootkey.errors import ConfigError
+from kes import config as kconf
+from kes.api import Api
+from kes.audit import HubHandler
+from kes.http import Request, Response
+from kes.keyring import CacheExpiry, KeyExists, Keyring, KeyStore
+from kes.keyversion import KeyVersion
+from kes.tls import TLSConfig
+from kes.vaultstore import VaultKeyStore, VaultStoreConfig
+
+log = logging.getLogger("kes.error")
+
+VaultClientFactory = Callable[[], hvac.Client]
+
+
+@dataclass
+class Service:
+    api: Api
+    keyring: Keyring
+    tls: TLSConfig
+    host: str
+    port: int
+    workers: int
+    config: kconf.KesConfig
+    probe_interval: float = 10.0
+    _started: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _log_handler: logging.Handler | None = None
+
+    async def handler(self, req: Request) -> Response:
+        # Threads do not survive fork: the keyring's probe thread starts in the process
+        # that serves (each worker), on its first request.
+        if not self._started:
+            self.start()
+        return await self.api(req)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self.keyring.start(self.probe_interval)
+
+    def create_configured_keys(self) -> None:
+        """KES `keys:` section: create each missing key at startup (KES master aacc4fd)."""
+        for spec in self.config.keys:
+            kv = KeyVersion.generate(self.api.key_type, self.config.admin.identity)
+            try:
+                self.keyring.create(spec.name, kv)
+                log.info("created key '%s' from the config", spec.name)
+            except KeyExists:
+                pass
+            finally:
+                kv.close()
+
+    def close(self) -> None:
+        self.keyring.stop()
+        self.api.audit_hub.close()
+        self.api.error_hub.close()
+        if self._log_handler is not None:
+            logging.getLogger("kes").removeHandler(self._log_handler)
+
+
+def build(section: dict[str, Any] | kconf.KesConfig,
+          vault_client_factory: VaultClientFactory | None = None, *,
+          vault_relogin: Callable[[], None] | None = None,
+          store: KeyStore | None = None, source: str = "bootkey.toml [kes]") -> Service:
+    """KES config (a `[kes]` dict or a parsed KesConfig) → Service. Raises ConfigError.
+
+    Vault: `keystore.vault.endpoint` set → bootkey logs in itself (approle or token from
+    the section); empty → `vault_client_factory` (the agent's session) is used. `store`
+    replaces the keystore entirely (tests). `vault_relogin` is called once when Vault
+    answers 403 through the agent's client (an expired token), then the call is retried.
+    """
+    cfg = section if isinstance(section, kconf.KesConfig) else kconf.from_section(section, source)
+    if store is None:
+        store = _vault_store(cfg, vault_client_factory, vault_relogin)
+    e = cfg.cache.expiry
+    keyring = Keyring(store, CacheExpiry(any=e.any, unused=e.unused, offline=e.offline),
+                      on_error=lambda msg, exc: log.error("%s: %s", msg, exc))
+    overrides: dict[str, tuple[bool | None, float | None]] = {
+        path: (r.skip_auth, r.timeout) for path, r in cfg.api.items()}
+    api = Api(keyring, cfg.policy_set(), overrides=overrides)
+    hub_handler = HubHandler(api.error_hub)
+    logging.getLogger("kes").addHandler(hub_handler)
+    _set_levels(cfg)
+    host, port = cfg.host_port()
+    ping = cfg.keystore.vault.status.ping if cfg.keystore.vault else 10.0
+    return Service(api=api, keyring=keyring, tls=_tls(cfg), host=host, port=port,
+                   workers=cfg.workers, config=cfg, probe_interval=ping or 10.0,
+                   _log_handler=hub_handler)
+
+
+def _set_levels(cfg: kconf.KesConfig) -> None:
+    for name, value in (("kes.error", cfg.log.error), ("kes.audit", cfg.log.audit)):
+        level = kconf.log_level(value)
+        lg = logging.getLogger(name)
+        lg.disabled = level is None
+        if level is not None:
+            lg.setLevel(level)
+
+
+def _read(path: Path | None, what: str) -> bytes:
+    if path is None:
+        raise ConfigError(f"kes: {what}: required — set it to a PEM file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"kes: {what}: cannot read {path}: {e.strerror}") from None
+
+
+def _tls(cfg: kconf.KesConfig) -> TLSConfig:
+    t = cfg.tls
+    cert = _read(t.cert, "tls.cert")
+    key = _read(t.key, "tls.key")
+    if t.password:
+        try:
+            pk = serialization.load_pem_private_key(key, t.password.encode())
+        except (ValueError, TypeError):
+            raise ConfigError("kes: tls.key: cannot decrypt the private key — check "
+                              "tls.password") from None
+        key = pk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+    ca: bytes | None = None
+    if t.ca is not None:
+        ca = b"".join(_read(p, "tls.ca") for p in sorted(t.ca.iterdir())
+                      if p.suffix in (".pem", ".crt")) if t.ca.is_dir() else _read(t.ca, "tls.ca")
+    verify = t.auth == "on"
+    if verify and not ca:
+        raise ConfigError("kes: tls.auth is on but tls.ca is not set — set tls.ca to the "
+                          "client CA, or tls.auth to off")
+    return TLSConfig(cert_pem=cert, key_pem=key, client_ca_pem=ca, verify_client=verify)
+
+
+def _vault_store(cfg: kconf.KesConfig, factory: VaultClientFactory | None,
+                 relogin: Callable[[], None] | None) -> VaultKeyStore:
+    v = cfg.keystore.vault
+    if v is None:
+        if factory is None:
+            raise ConfigError("kes: keystore.vault: required — configure the Vault keystore")
+        v = kconf.VaultSection()
+    store_cfg = VaultStoreConfig(
+        engine=v.engine or "kv", version=v.kv_version, prefix=v.prefix,
+        transit_engine=(v.transit.engine if v.transit else "") or "transit",
+        transit_key=v.transit.key if v.transit else "")
+    if not v.endpoint:
+        if factory is None:
+            raise ConfigError("kes: keystore.vault.endpoint: required when KES runs on its "
+                              "own — set it, or run KES inside `bootkey agent`")
+        return VaultKeyStore(factory, store_cfg, relogin=relogin)
+    login = _VaultLogin(v)
+    login.login()
+    return VaultKeyStore(login.client_for_call, store_cfg, relogin=login.login)
+
+
+class _VaultLogin:
+    """Standalone Vault auth from the KES section: a static token or AppRole. A 403 from
+    Vault (expired token) makes the store call `login()` again once."""
+
+    def __init__(self, v: kconf.VaultSection) -> None:
+        self.v = v
+        verify: bool | str = str(v.tls.ca) if v.tls.ca else True
+        cert = (str(v.tls.cert), str(v.tls.key)) if v.tls.cert and v.tls.key else None
+        self.client = hvac.Client(url=v.endpoint, namespace=v.namespace or None,
+                                  verify=verify, cert=cert, timeout=15)
+        self._lock = threading.Lock()
+
+    def client_for_call(self) -> hvac.Client:
+        return self.client
+
+    def login(self) -> None:
+        v = self.v
+        with self._lock:
+            if v.approle is None:
+                if not v.token:
+                    raise ConfigError("kes: keystore.vault: set approle id/secret (or token)")
+                self.client.token = v.token
+                return
+            ns = v.approle.namespace
+            saved = self.client.adapter.namespace
+            # approle.namespace "/" means the root namespace, i.e. no header (§8.3).
+            self.client.adapter.namespace = None if ns == "/" else (ns or saved)
+            try:
+                self.client.auth.approle.login(role_id=v.approle.id, secret_id=v.approle.secret,
+                                               mount_point=v.approle.engine or "approle")
+            except hvac.exceptions.VaultError as e:
+                raise ConfigError(f"kes: vault {v.endpoint}: AppRole login refused "
+                                  f"({type(e).__name__}) — check approle id/secret") from None
+            except Exception as e:
+                raise ConfigError(f"kes: vault {v.endpoint}: cannot log in: "
+                                  f"{type(e).__name__}") from None
+            finally:
+                self.client.adapter.namespace = saved

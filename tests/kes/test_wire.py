@@ -1,0 +1,298 @@
+"""The whole KES endpoint over the wire: kes.service + kes.server, real mTLS, a real bao.
+
+Replays MinIO's call sequence (shared/kes-api.md §4.2) with RSA, ECDSA and Ed25519 client
+certificates and with the certificate MinIO derives from a `kes:v1:` API key; uses curl as
+an independent client; stops and restarts Vault; and scans everything logged and written
+for key material.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import logging
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kes import config as kconf
+from kes import keyversion, service
+from kes.apikey import APIKey
+from kes.identity import of_certificate
+from kes.server import ServerThread
+from tests.kes.server_util import Pki
+from tests.support.bao import DevBao
+from tests.support.certs import Issued, make_leaf
+
+ADMIN_KIND = "ec"
+MINIO_CTX = b'{"my-bucket":"my-bucket/my-object"}'
+
+
+@dataclass
+class Client:
+    name: str
+    ctx: ssl.SSLContext
+    identity: str
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass
+class Env:
+    port: int
+    pki: Pki
+    bao: DevBao
+    svc: service.Service
+    clients: dict[str, Client]
+
+    def call(self, who: str, method: str, path: str, body: bytes | None = None, *,
+             chunked: bool = True) -> tuple[int, str, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port,
+                                           context=self.clients[who].ctx, timeout=20)
+        try:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            if body is not None and chunked:
+                # What the Go client does: no Content-Length, chunked transfer encoding.
+                conn.request(method, path, body=iter([body[:7], body[7:]]), headers=headers,
+                             encode_chunked=True)
+            else:
+                conn.request(method, path, body=body, headers=headers)
+            r = conn.getresponse()
+            return r.status, r.getheader("Content-Type") or "", r.read()
+        finally:
+            conn.close()
+
+    def json(self, who: str, method: str, path: str, obj: Any = None) -> Any:
+        status, ctype, body = self.call(who, method, path,
+                                        None if obj is None else json.dumps(obj).encode())
+        assert (status, ctype) == (200, "application/json"), (status, body)
+        return json.loads(body)
+
+
+def _client(pki: Pki, name: str, issued: Issued) -> Client:
+    cert, key = pki.write_client(issued, name)
+    return Client(name, pki.client_context(issued, name), of_certificate(issued.cert), cert, key)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("kes-wire")
+    bao = DevBao(tmp / "bao").start()
+    pki = Pki.create(tmp)
+    clients = {k: _client(pki, k, make_leaf(None, f"minio-{k}", kind=k, client=True))  # type: ignore[arg-type]
+               for k in ("rsa", "ec", "ed25519")}
+    apikey = APIKey.generate()
+    api_issued = Issued(apikey.private_key, apikey.certificate())
+    clients["apikey"] = _client(pki, "apikey", api_issued)
+    assert clients["apikey"].identity == apikey.identity
+    clients["admin"] = _client(pki, "admin", make_leaf(None, "admin", client=True))
+    clients["stranger"] = _client(pki, "stranger", make_leaf(None, "stranger", client=True))
+    (tmp / "server.crt").write_bytes(pki.server.cert_pem)
+    (tmp / "server.key").write_bytes(pki.server.key_pem)
+    cfg = kconf.from_section({
+        "enabled": True,
+        "admin": {"identity": clients["admin"].identity},
+        "tls": {"cert": str(tmp / "server.crt"), "key": str(tmp / "server.key")},
+        "policy": {"minio": {
+            "allow": ["/v1/key/create/minio-*", "/v1/key/generate/minio-*",
+                      "/v1/key/decrypt/minio-*", "/v1/key/describe/minio-*", "/v1/key/list/*",
+                      "/v1/status", "/v1/api", "/v1/metrics", "/v1/key/hmac/minio-*"],
+            "deny": ["/v1/key/generate/minio-internal*"],
+            "identities": [clients[k].identity for k in ("rsa", "ec", "ed25519", "apikey")]}},
+        "cache": {"expiry": {"any": "5m", "unused": "5m", "offline": "1h"}},
+        "keystore": {"vault": {"endpoint": bao.address, "token": "root", "engine": "secret",
+                               "version": "v2", "prefix": "kes"}},
+    })
+    svc = service.build(cfg)
+    svc.probe_interval = 0.2  # offline detection in tests: fast, still polled
+    with ServerThread(svc.handler, svc.tls) as st:
+        yield Env(st.port, pki, bao, svc, clients)
+    svc.close()
+    bao.stop()
+
+
+@pytest.mark.parametrize("who", ["rsa", "ec", "ed25519", "apikey"])
+def test_minio_call_sequence(env: Env, who: str) -> None:
+    key = f"minio-default-{who}"
+    # startup: keep-alive describe, generate → 404 → create
+    assert env.call(who, "GET", f"/v1/key/describe/{key}")[0] == 404
+    status, ctype, body = env.call(who, "POST", f"/v1/key/generate/{key}", b'{"context":"e30="}')
+    assert (status, ctype, body) == (404, "application/json",
+                                     b'{"message":"key does not exist"\n}')
+    assert env.call(who, "POST", f"/v1/key/create/{key}")[:2] == (200, "")
+    assert env.call(who, "POST", f"/v1/key/create/{key}")[2] == (
+        b'{"message":"key already exists"\n}')
+    # per-object: generate with MinIO's canonical context, decrypt
+    g = env.json(who, "POST", f"/v1/key/generate/{key}",
+                 {"context": base64.b64encode(MINIO_CTX).decode()})
+    d = env.json(who, "POST", f"/v1/key/decrypt/{key}",
+                 {"ciphertext": g["ciphertext"], "context": base64.b64encode(MINIO_CTX).decode()})
+    assert d["plaintext"] == g["plaintext"] and len(base64.b64decode(g["plaintext"])) == 32
+    # admin: key status = generate + decrypt with the admin context
+    actx = base64.b64encode(b'{"MinIO admin API":"KMSKeyStatusHandler"}').decode()
+    g2 = env.json(who, "POST", f"/v1/key/generate/{key}", {"context": actx})
+    assert env.json(who, "POST", f"/v1/key/decrypt/{key}",
+                    {"ciphertext": g2["ciphertext"], "context": actx}) == {
+        "plaintext": g2["plaintext"]}
+    desc = env.json(who, "GET", f"/v1/key/describe/{key}")
+    assert desc["name"] == key and desc["created_by"] == env.clients[who].identity
+    assert key in env.json(who, "GET", "/v1/key/list")["names"]  # no trailing slash
+    st = env.json(who, "GET", "/v1/status")
+    assert isinstance(st["keystore_latency"], int) and "keystore_unreachable" not in st
+    assert env.json(who, "GET", "/version")["version"] == "2025-03-12T09-35-18Z"
+    assert any(r["path"] == "/v1/key/generate/" for r in env.json(who, "GET", "/v1/api"))
+    hm = env.json(who, "PUT", f"/v1/key/hmac/{key}",
+                  {"message": base64.b64encode(b"root access key").decode()})
+    assert len(base64.b64decode(hm["hmac"])) == 32
+
+
+def test_key_is_stored_where_kes_stores_it(env: Env) -> None:
+    env.call("admin", "POST", "/v1/key/create/layout-check")
+    r = env.bao.client().secrets.kv.v2.read_secret_version(
+        path="kes/layout-check", mount_point="secret", version=1, raise_on_deleted_version=True)
+    kv = keyversion.parse(r["data"]["data"]["layout-check"])
+    assert kv.created_by == env.clients["admin"].identity and kv.hmac_key is not None
+
+
+def test_denied_and_unknown_identities_get_exact_403(env: Env) -> None:
+    forbidden = (403, "application/json",
+                 b'{"message":"not authorized: insufficient permissions"\n}')
+    assert env.call("stranger", "GET", "/v1/status") == forbidden
+    assert env.call("ec", "POST", "/v1/key/create/other-key") == forbidden
+    assert env.call("ec", "POST", "/v1/key/generate/minio-internal-1", b"{}") == forbidden
+    assert env.call("ec", "DELETE", "/v1/key/delete/minio-default-ec") == forbidden
+    # /version needs no policy
+    assert env.call("stranger", "GET", "/version")[0] == 200
+
+
+def test_malformed_oversized_and_invalid_names(env: Env) -> None:
+    env.call("admin", "POST", "/v1/key/create/minio-body")
+    bad = (400, "application/json", b'{"message":"invalid request body"\n}')
+    assert env.call("ec", "POST", "/v1/key/generate/minio-body", b'{"context":') == bad
+    assert env.call("ec", "POST", "/v1/key/generate/minio-body", b'{"context":"%%"}') == bad
+    big = b'{"context":"' + b"A" * 1_000_100 + b'"}'
+    assert env.call("ec", "POST", "/v1/key/decrypt/minio-body", big)[:2] == bad[:2]
+    assert env.call("ec", "POST", "/v1/key/generate/minio-body", big, chunked=False)[:2] == (
+        bad[:2])
+    status, _, body = env.call("admin", "POST", "/v1/key/create/a%2Fb")
+    assert (status, json.loads(body)["message"]) == (
+        400, "key name 'a/b' is empty, too long or contains invalid characters")
+    status, _, body = env.call("admin", "POST", "/v1/key/create/-x")
+    assert status == 400
+    assert env.call("admin", "GET", "/v1/nowhere")[:1] == (404,)
+    status, _, body = env.call("admin", "GET", "/v1/key/create/x")
+    assert (status, json.loads(body)["message"]) == (405, "received method 'GET' expected 'PUT'")
+
+
+def test_curl_as_independent_client(env: Env) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed (scripts/setup.sh installs it)")
+    c = env.clients["rsa"]
+    env.call("admin", "POST", "/v1/key/create/minio-curl")
+    base = [curl, "-sS", "--cacert", str(env.pki.ca_file), "--cert", str(c.cert_file),
+            "--key", str(c.key_file), "-w", "\n%{http_code}"]
+    url = f"https://127.0.0.1:{env.port}"
+    out = subprocess.run([*base, "-X", "POST", "-H", "Transfer-Encoding: chunked",
+                          "--data-binary", '{"context":"e30="}',
+                          f"{url}/v1/key/generate/minio-curl"],
+                         capture_output=True, check=True, timeout=30).stdout.decode()
+    body, code = out.rsplit("\n", 1)
+    assert code == "200"
+    g = json.loads(body)
+    out = subprocess.run([*base, "-X", "PUT", "--data-binary",
+                          json.dumps({"ciphertext": g["ciphertext"], "context": "e30="}),
+                          f"{url}/v1/key/decrypt/minio-curl"],
+                         capture_output=True, check=True, timeout=30).stdout.decode()
+    body, code = out.rsplit("\n", 1)
+    assert code == "200" and json.loads(body)["plaintext"] == g["plaintext"]
+    out = subprocess.run([*base, f"{url}/v1/key/list"], capture_output=True, check=True,
+                         timeout=30).stdout.decode()
+    assert "minio-curl" in out
+
+
+def test_vault_down_then_back(env: Env) -> None:
+    env.call("admin", "POST", "/v1/key/create/minio-cached")
+    env.json("ec", "POST", "/v1/key/generate/minio-cached", {})  # now cached
+    env.bao.stop()
+    try:
+        st = env.json("ec", "GET", "/v1/status")
+        assert st.get("keystore_unreachable") is True and "keystore_latency" not in st
+        status, _, body = env.call("admin", "GET", "/v1/key/describe/minio-never-read")
+        assert (status, body) == (502, b'{"message":"failed to read key"\n}')
+        status, _, body = env.call("admin", "POST", "/v1/key/create/minio-while-down")
+        assert (status, body) == (502, b'{"message":"failed to create key"\n}')
+        status, _, body = env.call("admin", "GET", "/v1/key/list/")
+        assert (status, body) == (502, b'{"message":"failed to list keys"\n}')
+        # offline mode: the cached key keeps serving MinIO
+        assert env.call("ec", "POST", "/v1/key/generate/minio-cached", b"{}")[0] == 200
+        # connection refused is "unavailable" (502) until the 10 s probe (here 0.2 s)
+        # marks the store offline; then "not reachable" (504), as KES (§8.4).
+        assert env.call("admin", "GET", "/v1/ready")[0] in (502, 504)
+        deadline = time.monotonic() + 10
+        while not env.svc.keyring.offline and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert env.call("admin", "GET", "/v1/ready")[2] == (
+            b'{"message":"key store is not reachable"\n}')
+    finally:
+        env.bao.start()  # same port and token; dev storage starts empty
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        st = env.json("ec", "GET", "/v1/status")
+        if "keystore_latency" in st:
+            break
+        time.sleep(0.05)
+    assert "keystore_latency" in st, st
+    assert env.call("ec", "POST", "/v1/key/create/minio-after")[0] == 200
+    assert env.call("admin", "GET", "/v1/ready")[:2] == (200, "")
+
+
+def test_log_streams_over_the_wire(env: Env) -> None:
+    conn = http.client.HTTPSConnection("127.0.0.1", env.port,
+                                       context=env.clients["admin"].ctx, timeout=20)
+    conn.request("GET", "/v1/log/audit")
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type") == "application/x-ndjson"
+    deadline = time.monotonic() + 10
+    while env.svc.api.audit_hub.subscribers == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    env.call("ec", "POST", "/v1/key/generate/minio-default-ec", b"{}")
+    line = json.loads(r.readline())
+    assert line["request"]["path"] == "/v1/key/generate/minio-default-ec"
+    assert line["request"]["identity"] == env.clients["ec"].identity
+    assert line["response"]["code"] == 200
+    conn.close()
+
+
+def test_no_key_material_in_logs_or_files(env: Env, caplog: pytest.LogCaptureFixture,
+                                          tmp_path: Path) -> None:
+    caplog.set_level(logging.DEBUG)
+    env.call("admin", "POST", "/v1/key/create/minio-scan")
+    deks = []
+    for _ in range(5):
+        g = env.json("ec", "POST", "/v1/key/generate/minio-scan",
+                     {"context": base64.b64encode(MINIO_CTX).decode()})
+        deks.append(base64.b64decode(g["plaintext"]))
+    env.call("admin", "GET", "/v1/key/describe/none-such")
+    env.call("ec", "POST", "/v1/key/decrypt/minio-scan", b'{"ciphertext":"AAAA"}')
+    stored = env.bao.client().secrets.kv.v2.read_secret_version(
+        path="kes/minio-scan", mount_point="secret", version=1,
+        raise_on_deleted_version=True)["data"]["data"]["minio-scan"]
+    kv = keyversion.parse(stored)
+    assert kv.hmac_key is not None
+    secrets_ = [bytes(kv.key.view), bytes(kv.hmac_key.view), *deks]
+    needles = [form for s in secrets_ for form in (s, base64.b64encode(s), s.hex().encode())]
+    haystacks = [caplog.text.encode()]
+    root = env.pki.tmp
+    haystacks += [p.read_bytes() for p in root.rglob("*") if p.is_file()]
+    for h in haystacks:
+        for n in needles:
+            assert n not in h
