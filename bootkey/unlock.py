@@ -57,6 +57,8 @@ class Volume:
     readonly: bool = False
     discard: bool = False
     source: str = "config"  # "config" or "token"
+    # keyslots in the header when it was read; unlock right after resolving trusts them
+    header_keyslots: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -133,13 +135,14 @@ def volume_from_header(hdr: luks.Header, cfg: Config, host_id: str,
     loc = tok.location(hdr.uuid) if tok and tok.host_id == host_id else \
         keystore.location_for(cfg, host_id, hdr.uuid)
     slots = frozenset(int(s) for s in tok.keyslots) if tok else frozenset()
+    present = frozenset(hdr.keyslots)
     if vc is not None:
         return Volume(vc.name, hdr.device, hdr.uuid, loc, slots, vc.readonly, vc.discard,
-                      "config")
+                      "config", present)
     if tok is None:
         return None
     return Volume(tok.name or default_name(hdr.uuid), hdr.device, hdr.uuid, loc, slots,
-                  source="token")
+                  source="token", header_keyslots=present)
 
 
 def resolve_volumes(cfg: Config, host_id: str | None = None,
@@ -165,16 +168,14 @@ def resolve_volumes(cfg: Config, host_id: str | None = None,
             volumes.append(vol)
             seen_uuids.add(vol.luks_uuid)
     if scan:
-        for dev in candidate_devices(cfg.unlock.search):
-            if luks.probe_magic(dev) != 2:
+        luks2 = [d for d in candidate_devices(cfg.unlock.search) if luks.probe_magic(d) == 2]
+        with ThreadPoolExecutor(max_workers=max(1, min(cfg.unlock.parallel, len(luks2))),
+                                thread_name_prefix="scan") as pool:
+            headers = list(pool.map(_inspect_or_none, luks2))
+        for found in headers:
+            if found is None or found.uuid in seen_uuids:
                 continue
-            try:
-                hdr = luks.inspect(dev)
-            except BootkeyError:
-                continue
-            if hdr.uuid in seen_uuids:
-                continue
-            vol = volume_from_header(hdr, cfg, host, None)
+            vol = volume_from_header(found, cfg, host, None)
             if vol:
                 volumes.append(vol)
                 seen_uuids.add(vol.luks_uuid)
@@ -194,6 +195,13 @@ def resolve_volumes(cfg: Config, host_id: str | None = None,
     return volumes, failed
 
 
+def _inspect_or_none(dev: str) -> luks.Header | None:
+    try:
+        return luks.inspect(dev)
+    except BootkeyError:
+        return None
+
+
 KeyUse = Callable[[Volume, SecretBuffer, int], Outcome]
 
 
@@ -210,8 +218,8 @@ def open_with_key(vol: Volume, key: SecretBuffer, keyslot: int) -> Outcome:
     return Outcome.OPENED if res is luks.OpenResult.OPENED else Outcome.ALREADY_OPEN
 
 
-def candidate_keys(session: VaultSession, vol: Volume,
-                   deadline_at: float) -> list[keystore.SealedKey]:
+def candidate_keys(session: VaultSession, vol: Volume, deadline_at: float, *,
+                   fresh_header: bool = True) -> list[keystore.SealedKey]:
     """The sealed keys worth trying, best first: active before pending/retiring, and
     only those whose keyslot exists in the header."""
     remaining = deadline_at - time.monotonic()
@@ -223,7 +231,8 @@ def candidate_keys(session: VaultSession, vol: Volume,
             f"volume {vol.name} (UUID {vol.luks_uuid}): no key in Vault at "
             f"{vol.location.display} — enroll it with `bootkey enroll {vol.device}`"
         )
-    hdr_slots = set(luks.inspect(vol.device).keyslots)
+    hdr_slots = set(luks.inspect(vol.device).keyslots) if fresh_header or \
+        not vol.header_keyslots else vol.header_keyslots
     keys = sorted((k for k in entry.keys if k.keyslot in hdr_slots),
                   key=lambda k: (k.state != "active", -k.keyslot))
     if not keys:
@@ -253,7 +262,7 @@ def unlock_one(session: VaultSession, vol: Volume, use: KeyUse,
             return VolumeResult(vol.name, vol.device, Outcome.ALREADY_OPEN, vol.luks_uuid,
                                 seconds=time.monotonic() - t0)
         last: BootkeyError | None = None
-        for k in candidate_keys(session, vol, deadline_at):
+        for k in candidate_keys(session, vol, deadline_at, fresh_header=False):
             with keystore.unseal(session, vol.location, k,
                                  deadline_at - time.monotonic()) as key:
                 try:
