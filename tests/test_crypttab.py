@@ -13,6 +13,7 @@ import pytest
 from bootkey import cli
 from bootkey.crypttab import Mode, Options, device_unit, render, systemd_escape
 from tests.support import bootgraph
+from tests.support.luksimg import make_image
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,7 @@ def test_escape_of_a_plain_name() -> None:
 def test_command_prints_lines_for_configured_volumes(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     img = tmp_path / "vol.img"
-    with open(img, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf",
-                    "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file=-", str(img)],
-                   input=b"k" * 64, check=True, capture_output=True, timeout=60)
+    make_image(img)
     uuid = subprocess.run(["cryptsetup", "luksUUID", str(img)], capture_output=True, text=True,
                           check=True).stdout.strip()
     cfg = tmp_path / "bootkey.toml"

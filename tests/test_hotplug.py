@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bootkey.hotplug import HotplugWatcher, is_luks_event
+from tests.support.luksimg import make_image
 
 LUKS = {"SUBSYSTEM": "block", "DEVNAME": "/dev/vdb", "DEVTYPE": "disk",
         "ID_FS_TYPE": "crypto_LUKS"}
@@ -58,20 +59,12 @@ def test_filter_probes_when_udev_did_not() -> None:
 
 def test_filter_probe_reads_the_real_magic(tmp_path: Path) -> None:
     luks_img, plain = tmp_path / "luks.img", tmp_path / "plain.img"
-    make_luks(luks_img)
+    make_image(luks_img)
     plain.write_bytes(bytes(4096))
     ev = {"SUBSYSTEM": "block"}
     assert is_luks_event("add", {**ev, "DEVNAME": str(luks_img)}) == str(luks_img)
     assert is_luks_event("add", {**ev, "DEVNAME": str(plain)}) is None
     assert is_luks_event("add", {**ev, "DEVNAME": str(tmp_path / "gone")}) is None
-
-
-def make_luks(path: Path) -> None:
-    with open(path, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf",
-                    "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file=-", str(path)],
-                   input=b"k" * 64, check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture
@@ -100,7 +93,7 @@ def uevent(devnode: str, action: str = "change") -> None:
 def test_watcher_reports_a_luks_device_from_real_uevents(
         tmp_path: Path, loop: Callable[[Path], str]) -> None:
     luks_img, plain = tmp_path / "luks.img", tmp_path / "plain.img"
-    make_luks(luks_img)
+    make_image(luks_img)
     with open(plain, "wb") as f:
         f.truncate(32 << 20)
     luks_dev, plain_dev = loop(luks_img), loop(plain)
@@ -123,7 +116,7 @@ def test_watcher_reports_a_luks_device_from_real_uevents(
 def test_a_failing_callback_does_not_stop_the_watcher(
         tmp_path: Path, loop: Callable[[Path], str]) -> None:
     img = tmp_path / "luks.img"
-    make_luks(img)
+    make_image(img)
     dev = loop(img)
     calls: list[str] = []
     second = threading.Event()

@@ -35,6 +35,7 @@ from bootkey.keysocket import (
     remove_key_links,
 )
 from bootkey.secret import SecretBuffer
+from tests.support.luksimg import make_image
 
 ROOT = PeerCred(pid=1234, uid=0, gid=0)
 # Binary on purpose: a newline, a NUL and high bytes must arrive verbatim.
@@ -421,13 +422,7 @@ def luks_image(tmp_path: Path) -> Path:
     if shutil.which("cryptsetup") is None:
         pytest.skip("cryptsetup not installed")
     img = tmp_path / "vol.img"
-    with open(img, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(
-        ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
-         "--pbkdf-force-iterations", "1000", "--key-file=-", str(img)],
-        input=KEYS["data"], check=True, capture_output=True, timeout=60,
-    )
+    make_image(img, passphrase=KEYS["data"])
     return img
 
 
