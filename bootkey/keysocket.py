@@ -304,7 +304,7 @@ class KeySocketServer:
 
     def _serve(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + self.timeout
-        provider_running = False
+        worker_started = False
         try:
             try:
                 peer = peer_cred(conn)
@@ -312,51 +312,61 @@ class KeySocketServer:
             except OSError as e:
                 log.warning("key socket: cannot read the peer: %s", e.strerror)
                 return
-            decision = decide(peer, address, self._is_managed)
-            if isinstance(decision, Decline):
-                log.info("key socket: declined pid %d: %s", peer.pid, decision.reason,
-                         extra=_volume_extra(decision.volume))
-                return
-            provider_running = True
-            self._answer(conn, peer, decision.volume, deadline)
+            worker_started = True
+            self._answer(conn, peer, address, deadline)
         finally:
             _close(conn)
-            if not provider_running:
+            if not worker_started:
                 self._slots.release()
 
-    def _answer(self, conn: socket.socket, peer: PeerCred, volume: str,
+    def _decide_and_fetch(self, peer: PeerCred, address: str | bytes,
+                          deadline: float) -> tuple[Decision, SecretBuffer | None]:
+        decision = decide(peer, address, self._is_managed)
+        if isinstance(decision, Decline):
+            return decision, None
+        return decision, self._key_for(decision.volume, deadline)
+
+    def _answer(self, conn: socket.socket, peer: PeerCred, address: str | bytes,
                 deadline: float) -> None:
-        """Run the provider in its own thread so a provider that overstays its deadline
-        cannot hold the connection; its late key is wiped, never sent."""
+        """Decide and fetch in a worker thread: `is_managed` may scan devices and the
+        provider may wait for Vault, and neither may hold the connection past the
+        deadline. A key that arrives late is wiped, never sent."""
         lock = threading.Lock()
         done = threading.Event()
-        result: list[SecretBuffer | None] = []
+        result: list[tuple[Decision, SecretBuffer | None]] = []
         abandoned = False
 
-        def call() -> None:
+        def work() -> None:
             try:
-                key = self._key_for(volume, deadline)
+                outcome = self._decide_and_fetch(peer, address, deadline)
             except Exception:
-                log.exception("key socket: key provider failed", extra={"VOLUME": volume})
-                key = None
+                log.exception("key socket: deciding or fetching the key failed")
+                outcome = (Decline("internal error"), None)
             with lock:
                 if abandoned:
-                    if key is not None:
-                        key.close()
+                    if outcome[1] is not None:
+                        outcome[1].close()
                 else:
-                    result.append(key)
+                    result.append(outcome)
             done.set()
-            self._slots.release()  # the slot covers the provider thread too
+            self._slots.release()  # the slot covers the worker too
 
-        threading.Thread(target=call, name="keysocket-key", daemon=True).start()
+        threading.Thread(target=work, name="keysocket-key", daemon=True).start()
         done.wait(max(0.0, deadline - time.monotonic()))
         with lock:
             if not result:
                 abandoned = True
-                log.warning("key socket: no key for pid %d within %g s, declining",
-                            peer.pid, self.timeout, extra={"VOLUME": volume})
+                req = parse_peer_address(address)
+                log.warning("key socket: no answer for pid %d within %g s, declining",
+                            peer.pid, self.timeout,
+                            extra=_volume_extra(req.volume if req else None))
                 return
-            key = result[0]
+            decision, key = result[0]
+        if isinstance(decision, Decline):
+            log.info("key socket: declined pid %d: %s", peer.pid, decision.reason,
+                     extra=_volume_extra(decision.volume))
+            return
+        volume = decision.volume
         if key is None:
             log.info("key socket: declined pid %d: no key available", peer.pid,
                      extra={"VOLUME": volume})

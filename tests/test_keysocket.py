@@ -275,6 +275,25 @@ def test_slow_provider_is_bounded_by_the_deadline_and_its_late_key_wiped(
     wait_for(lambda: len(p.given) == 1 and p.given[0].closed)
 
 
+def test_slow_is_managed_is_bounded_by_the_deadline_too(sock_path: Path) -> None:
+    """Deciding whether a volume is managed may scan devices; that too must not hold
+    systemd-cryptsetup past the deadline."""
+    gate = threading.Event()
+
+    def slow_managed(volume: str) -> bool:
+        gate.wait(30)
+        return True
+
+    cfg = KeysocketConfig(path=sock_path, timeout=0.3)
+    p = Provider()
+    with KeySocketServer(cfg, p, slow_managed, activated_fds={}):
+        t0 = time.monotonic()
+        assert systemd_client(sock_path, "data") == b""
+        assert time.monotonic() - t0 < 2.0
+        gate.set()
+        wait_for(lambda: len(p.given) == 1 and p.given[0].closed)
+
+
 def test_concurrent_clients_are_served_in_parallel(
         serve: Callable[..., KeySocketServer], sock_path: Path) -> None:
     n = 8
