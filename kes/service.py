@@ -15,6 +15,7 @@ into memory (decrypted there if `tls.password` is set) and handed to OpenSSL.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Service:
     _started: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _log_handler: logging.Handler | None = None
+    _built_in: int = field(default_factory=os.getpid)
 
     async def handler(self, req: Request) -> Response:
         # Threads do not survive fork: the keyring's probe thread starts in the process
@@ -65,6 +67,11 @@ class Service:
             if self._started:
                 return
             self._started = True
+            if os.getpid() != self._built_in:
+                # A forked worker: pooled Vault connections belong to the parent's copy.
+                after_fork = getattr(self.keyring.store, "after_fork", None)
+                if after_fork is not None:
+                    after_fork()
             self.keyring.start(self.probe_interval)
 
     def create_configured_keys(self) -> None:
@@ -158,6 +165,15 @@ def _tls(cfg: kconf.KesConfig) -> TLSConfig:
     return TLSConfig(cert_pem=cert, key_pem=key, client_ca_pem=ca, verify_client=verify)
 
 
+def store_config(cfg: kconf.KesConfig) -> VaultStoreConfig:
+    """Where in Vault the keys of this KES config live (KES defaults: kv, v1, no prefix)."""
+    v = cfg.keystore.vault or kconf.VaultSection()
+    return VaultStoreConfig(
+        engine=v.engine or "kv", version=v.kv_version, prefix=v.prefix,
+        transit_engine=(v.transit.engine if v.transit else "") or "transit",
+        transit_key=v.transit.key if v.transit else "")
+
+
 def _vault_store(cfg: kconf.KesConfig, factory: VaultClientFactory | None,
                  relogin: Callable[[], None] | None) -> VaultKeyStore:
     v = cfg.keystore.vault
@@ -165,10 +181,7 @@ def _vault_store(cfg: kconf.KesConfig, factory: VaultClientFactory | None,
         if factory is None:
             raise ConfigError("kes: keystore.vault: required — configure the Vault keystore")
         v = kconf.VaultSection()
-    store_cfg = VaultStoreConfig(
-        engine=v.engine or "kv", version=v.kv_version, prefix=v.prefix,
-        transit_engine=(v.transit.engine if v.transit else "") or "transit",
-        transit_key=v.transit.key if v.transit else "")
+    store_cfg = store_config(cfg)
     if not v.endpoint:
         if factory is None:
             raise ConfigError("kes: keystore.vault.endpoint: required when KES runs on its "

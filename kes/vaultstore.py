@@ -62,6 +62,10 @@ class VaultKeyStore:
         self._relogin = relogin
         self._sealed = False
 
+    def after_fork(self) -> None:
+        """In a forked worker: drop pooled connections inherited from the parent."""
+        self._client().adapter.session.close()
+
     # ---- paths (§8.2/§8.3)
 
     def _entry(self, name: str) -> str:
@@ -203,6 +207,9 @@ class VaultKeyStore:
         return sorted(k for k in keys
                       if isinstance(k, str) and not k.endswith("/") and k.startswith(prefix))
 
+    def policy_hcl(self) -> str:
+        return policy_hcl(self.cfg)
+
     # ---- transit (§8.3)
 
     def _transit_encrypt(self, value: bytes) -> str:
@@ -231,3 +238,20 @@ class VaultKeyStore:
             return base64.b64decode(pt, validate=True)
         except ValueError:
             raise StoreError(f"vault: {url}: invalid vault response") from None
+
+
+def policy_hcl(c: VaultStoreConfig) -> str:
+    """The least-privilege Vault policy a store with this config needs, as HCL."""
+    if c.version == 2:
+        data = _join(c.engine, "data", c.prefix, "*")
+        meta = _join(c.engine, "metadata", c.prefix)
+        rules = [(data, '"create", "read"'), (meta + "/*", '"delete"'),
+                 (meta + "/", '"list", "read"')]
+    else:
+        entries = _join(c.engine, c.prefix)
+        rules = [(entries + "/*", '"create", "read", "delete"'),
+                 (entries + "/", '"list", "read"')]
+    if c.transit_key:
+        for op in ("encrypt", "decrypt"):
+            rules.append((_join(c.transit_engine, op, c.transit_key), '"update"'))
+    return "".join(f'path "{p}" {{\n  capabilities = [{caps}]\n}}\n' for p, caps in rules)

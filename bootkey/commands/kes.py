@@ -11,8 +11,13 @@ import ipaddress
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bootkey.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from bootkey.config import Config as BootkeyConfig
+    from kes.config import KesConfig
 
 HELP = """\
 KES endpoint for MinIO (SSE-S3/SSE-KMS), with master keys in Vault.
@@ -23,6 +28,7 @@ examples:
   bootkey kes identity new --key k.key --cert k.crt --ip 127.0.0.1
   bootkey kes serve --config /etc/bootkey/bootkey.toml
   bootkey kes serve --kes-config /etc/kes/config.yml   an existing KES config file
+  bootkey kes vault-policy | bao policy write kes -    what the keystore needs in Vault
 """
 
 
@@ -52,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ak_new.set_defaults(run=run_api_key_new)
     ak_id = asub.add_parser("identity", help="print the identity of an API key read from stdin")
     ak_id.set_defaults(run=run_api_key_identity)
+
+    vp = ks.add_parser("vault-policy", help="print the Vault policy KES's keystore needs (HCL)")
+    vsrc = vp.add_mutually_exclusive_group()
+    vsrc.add_argument("--config", dest="serve_config", type=Path, metavar="FILE",
+                      help="bootkey.toml whose [kes] section to use (default: bootkey's)")
+    vsrc.add_argument("--kes-config", type=Path, metavar="FILE", help="a KES config file")
+    vp.set_defaults(run=run_vault_policy)
 
     serve = ks.add_parser("serve", help="run the KES server in the foreground")
     src = serve.add_mutually_exclusive_group()
@@ -149,26 +162,37 @@ def run_api_key_identity(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> tuple[KesConfig, BootkeyConfig | None]:
+    from bootkey import config as bconf
     from kes import config as kconf
+    if args.kes_config:
+        return kconf.load_yaml(args.kes_config), None
+    path = args.serve_config or args.config
+    bcfg = bconf.load(path)
+    return kconf.from_section(bcfg.kes, f"{path or 'bootkey.toml'} [kes]"), bcfg
+
+
+def run_vault_policy(args: argparse.Namespace) -> int:
+    from kes.service import store_config
+    from kes.vaultstore import policy_hcl
+    cfg, _ = _load(args)
+    sys.stdout.write(policy_hcl(store_config(cfg)))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
     from kes import server, service
     from kes.config import host_port
 
     factory = None
     relogin = None
-    if args.kes_config:
-        cfg = kconf.load_yaml(args.kes_config)
-    else:
-        from bootkey import config as bconf
-        path = args.serve_config or args.config
-        bcfg = bconf.load(path)
-        cfg = kconf.from_section(bcfg.kes, f"{path or 'bootkey.toml'} [kes]")
-        if cfg.keystore.vault is None or not cfg.keystore.vault.endpoint:
-            from bootkey.vault import VaultSession
-            session = VaultSession.from_config(bcfg)
-            session.login()
-            factory = session.raw_client
-            relogin = session.renew_or_relogin
+    cfg, bcfg = _load(args)
+    if bcfg is not None and (cfg.keystore.vault is None or not cfg.keystore.vault.endpoint):
+        from bootkey.vault import VaultSession
+        session = VaultSession.from_config(bcfg)
+        session.login()
+        factory = session.raw_client
+        relogin = session.renew_or_relogin
     updates: dict[str, object] = {}
     if args.addr:
         try:

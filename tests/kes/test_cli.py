@@ -65,7 +65,8 @@ def test_api_key_new_and_identity(capsys: pytest.CaptureFixture[str],
     assert main(["kes", "api-key", "identity"]) == os.EX_USAGE
 
 
-def test_serve_with_kes_yaml(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_with_kes_yaml(tmp_path: Path, workers: int) -> None:
     bao = DevBao(tmp_path / "bao").start()
     try:
         pki = Pki.create(tmp_path)
@@ -100,7 +101,8 @@ keystore:
         env = {**os.environ, "ADMIN_ID": of_certificate(admin.cert)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "bootkey.cli", "kes", "serve", "--kes-config",
-             str(tmp_path / "kes.yml")], env=env, stderr=subprocess.PIPE, text=True)
+             str(tmp_path / "kes.yml"), "--workers", str(workers)],
+            env=env, stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stderr is not None
             lines: list[str] = []
@@ -114,12 +116,14 @@ keystore:
             cert.write_bytes(api_key.certificate().public_bytes(serialization.Encoding.PEM))
             key.write_bytes(api_key.private_key_pem())
             ctx.load_cert_chain(str(cert), str(key))
-            conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
-            conn.request("POST", "/v1/key/generate/minio-default", body=b'{"context":"e30="}')
-            r = conn.getresponse()
-            body = json.loads(r.read())
-            assert r.status == 200 and len(base64.b64decode(body["plaintext"])) == 32
-            conn.close()
+            for _ in range(4):  # new connections: with workers, the kernel spreads them
+                conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
+                conn.request("POST", "/v1/key/generate/minio-default",
+                             body=b'{"context":"e30="}')
+                r = conn.getresponse()
+                body = json.loads(r.read())
+                assert r.status == 200 and len(base64.b64decode(body["plaintext"])) == 32
+                conn.close()
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(20)
@@ -139,3 +143,19 @@ def test_serve_config_error_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip() == ("bootkey: kesconf: referenced env. variable 'NOPE' in line '2' "
                                 "not found")
     assert time.monotonic() - start < 30
+
+
+def test_vault_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "kes.yml").write_text("""
+admin: {identity: disabled}
+keystore:
+  vault:
+    endpoint: https://vault:8200
+    engine: secret
+    version: v2
+    prefix: kes
+    transit: {key: kes-wrap}
+""")
+    assert main(["kes", "vault-policy", "--kes-config", str(tmp_path / "kes.yml")]) == 0
+    out = capsys.readouterr().out
+    assert 'path "secret/data/kes/*" {' in out and 'path "transit/decrypt/kes-wrap" {' in out

@@ -25,6 +25,7 @@ from kes.keyring import (
     StoreUnreachable,
 )
 from kes.keyversion import KeyVersion, Timestamp
+from kes.vaultstore import VaultStoreConfig
 from tests.kes.conftest import TRANSIT_KEY, vault_store
 from tests.support.bao import DevBao
 
@@ -351,3 +352,24 @@ def test_list_pages_at_1024() -> None:
     names, cont = Keyring(store).list("")
     assert len(names) == 1024 and cont == "k1024"
     assert Keyring(store).list("k102") == ([f"k102{i}" for i in range(10)], "")
+
+
+@pytest.mark.parametrize("version,transit", [(1, False), (2, False), (2, True)])
+def test_policy_hcl_is_enough_and_least_privilege(bao: DevBao, version: int,
+                                                  transit: bool) -> None:
+    import hvac
+
+    from kes.vaultstore import VaultKeyStore
+    full = vault_store(bao, version, transit=transit)
+    root = bao.client()
+    name = f"kes-test-{secrets.token_hex(4)}"
+    root.sys.create_or_update_policy(name, full.policy_hcl())
+    token = root.auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"]
+    store = VaultKeyStore(lambda: hvac.Client(url=bao.address, token=token), full.cfg)
+    test_store_conformance(store)
+    # ...and nothing outside the prefix
+    other = VaultKeyStore(lambda: hvac.Client(url=bao.address, token=token),
+                          VaultStoreConfig(engine=full.cfg.engine, version=version,
+                                           prefix="elsewhere"))
+    with pytest.raises(StoreError, match="403"):
+        other.create("k", _value())
