@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "policy",
     "crypttab",
     "kes",
+    "demo",
 )
 
 EPILOG = """\
