@@ -398,9 +398,9 @@ def plan_enroll(v: View, *, keyslot: int | None = None, have_unlock_key: bool = 
             steps.insert(-1, AddRecoveryKey())
         return Plan(tuple(steps), f"enroll into keyslot {n}", not have_unlock_key)
     pending = v.by_state("pending")
-    if pending and v.working("active"):
-        raise UsageError(f"{v.device}: a rotate is in flight — finish it with "
-                         "`bootkey rotate`")
+    if v.working("active") and (pending or v.by_state("retiring")):
+        return Plan((), f"already enrolled (keyslot {v.working('active')[0].keyslot}); a "
+                        "rotate is in flight — finish it with `bootkey rotate`")
     if pending:
         p = pending[-1]
         if p.in_header and not p.opens:
@@ -1003,7 +1003,11 @@ def enroll(cfg: Config, session: VaultSession, host_id: str, device: str, *,
             if hdr is not None:
                 loc = location_of(cfg, host_id, hdr)
                 entry = keystore.read_entry(session, loc)
-                formatting_ours = entry is not None and entry.formatting == device
+                # Ours already (an interrupted or finished `enroll --format`, or enrolled
+                # before): finish or report instead of formatting — unless --force asks
+                # to destroy a volume that was not in the middle of our format.
+                formatting_ours = entry is not None and (entry.formatting == device
+                                                         or not force)
                 if not formatting_ours and not force:
                     blank_check(device)  # raises NotBlank naming the LUKS header
                 if not formatting_ours:
@@ -1034,6 +1038,7 @@ def enroll(cfg: Config, session: VaultSession, host_id: str, device: str, *,
                 raise WrongKey(f"{device}: cannot enroll: the unlock key opens no keyslot — "
                                "nothing changed; check --unlock-key-file (read byte-exact: "
                                "a trailing newline counts)")
+        plan = _and_stale_backup(plan, rundir, loc.luks_uuid)
         run = Run(device, loc, session, rundir, name=name, unlock_key=unlock_key)
         if dry_run:
             return Outcome(device, loc.luks_uuid, loc.display, plan.summary + " (dry run)",
@@ -1044,6 +1049,15 @@ def enroll(cfg: Config, session: VaultSession, host_id: str, device: str, *,
         finally:
             run.unlock_key = None  # the caller's buffer: the caller closes it
             run.close()
+
+
+def _and_stale_backup(plan: Plan, rundir: RunDir, luks_uuid: str) -> Plan:
+    """An interrupted run may have left its header backup; once this run has brought
+    the volume to a finished state the backup is obsolete (and holds every keyslot)."""
+    if any(isinstance(s, RemoveBackup) for s in plan.steps) or \
+            not (rundir.backups / f"{luks_uuid}.luksheader").exists():
+        return plan
+    return Plan((*plan.steps, RemoveBackup()), plan.summary, plan.needs_unlock_key)
 
 
 def _view_for(cfg: Config, session: VaultSession, host_id: str,
@@ -1060,10 +1074,13 @@ def rotate(cfg: Config, session: VaultSession, host_id: str, device: str, *,
     with rundir.lock(device):
         view, loc = _view_for(cfg, session, host_id, device)
         plan = plan_rewrap(view) if rewrap else plan_rotate(view)
+        plan = _and_stale_backup(plan, rundir, loc.luks_uuid)
         if dry_run:
             return Outcome(device, loc.luks_uuid, loc.display, plan.summary + " (dry run)",
                            [str(s) for s in plan.steps])
-        run = Run(device, loc, session, rundir)
+        # the token is rewritten for the new keyslot: carry the volume's name over
+        name = view.entry.name if view.entry else None
+        run = Run(device, loc, session, rundir, name=name)
         try:
             execute(plan, run, after_step)
             return _outcome(run, plan, session)
@@ -1079,6 +1096,7 @@ def unenroll(cfg: Config, session: VaultSession, host_id: str, device: str, *,
     with rundir.lock(device):
         view, loc = _view_for(cfg, session, host_id, device)
         plan = plan_unenroll(view, purge=purge, have_unlock_key=unlock_key is not None)
+        plan = _and_stale_backup(plan, rundir, loc.luks_uuid)
         if dry_run:
             return Outcome(device, loc.luks_uuid, loc.display, plan.summary + " (dry run)",
                            [str(s) for s in plan.steps])

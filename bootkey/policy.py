@@ -60,9 +60,12 @@ def enroll_policy(vault: VaultConfig, host_id: str) -> str:
     data, meta = kv_paths(vault, host_id)
     t = vault.transit
     glob, _ = context_glob(host_id)
+    # KV v1 lists on the data path (v2 on metadata, below): `enroll --format` resumes by
+    # finding its pending entry among the host's entries.
+    caps = '"create", "read", "update", "delete"' + ("" if meta else ', "list"')
     out = (
         f"# bootkey enrollment policy for host {host_id}: create, verify, rotate, retire.\n"
-        f'path "{data}" {{\n  capabilities = ["create", "read", "update", "delete"]\n}}\n\n'
+        f'path "{data}" {{\n  capabilities = [{caps}]\n}}\n\n'
     )
     if meta:
         out += f'path "{meta}" {{\n  capabilities = ["read", "list", "update", "delete"]\n}}\n\n'
