@@ -72,6 +72,15 @@ def _ip(remote: str) -> str:
     return host if sep and port.isdigit() and ":" not in host else remote
 
 
+def _audit_message(route: Route, resource: str, status: int) -> str:
+    """KES's texts for the events it audits; a generic one for the rest."""
+    if status == 200 and route.path in ("/v1/key/create/", "/v1/key/import/"):
+        return f"secret key '{resource}' created"
+    if status == 200 and route.path == "/v1/key/delete/":
+        return f"secret key '{resource}' deleted"
+    return f"{route.path.rstrip('/')} {status}"
+
+
 def go_json(obj: Any) -> bytes:
     """JSON as Go's encoder writes it: compact, HTML-escaped, trailing newline."""
     s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
@@ -207,7 +216,8 @@ class Api:
         if route.audited:
             self.audit.record(method=method, path=req.path, ip=_ip(req.remote),
                               identity=req.identity or "", status=resp.status,
-                              millis=round(elapsed * 1000))
+                              millis=round(elapsed * 1000),
+                              message=_audit_message(route, resource, resp.status))
         return resp
 
     async def _serve(self, route: Route, req: Request, resource: str, auth_path: str) -> Response:
@@ -331,9 +341,10 @@ async def h_key_import(api: Api, req: Request, name: str) -> Response:
     cipher = "" if cipher is None else cipher
     if not isinstance(cipher, str):
         raise errors.INVALID_IMPORT_BODY
-    if cipher not in crypto.ALGORITHMS:
-        raise errors.algorithm_not_supported(cipher)
-    if len(key) != crypto.KEY_SIZE:
+    if cipher not in crypto.ALGORITHMS or len(key) != crypto.KEY_SIZE:
+        key[:] = bytes(len(key))
+        if cipher not in crypto.ALGORITHMS:
+            raise errors.algorithm_not_supported(cipher)
         raise errors.invalid_key_size(cipher)
     kv = KeyVersion(SecretBuffer.from_bytes(key), crypto.ALGORITHMS[cipher],
                     SecretBuffer.random(crypto.KEY_SIZE), Timestamp.now(), req.identity or "")

@@ -1,0 +1,101 @@
+"""kes.service.build: TLS from config (encrypted key, tls.auth on), api overrides, the
+`keys:` section — served over real TLS with an in-memory store."""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from bootkey.errors import ConfigError
+from kes import service
+from kes.identity import of_certificate
+from kes.keyring import MemKeyStore
+from kes.server import ServerThread
+from tests.kes.server_util import Pki
+from tests.support.certs import Issued, make_leaf
+
+
+def _section(pki: Pki, tmp: Path, **extra: Any) -> dict[str, Any]:
+    (tmp / "s.crt").write_bytes(pki.server.cert_pem)
+    (tmp / "s.key").write_bytes(pki.server.key_pem)
+    base: dict[str, Any] = {"admin": {"identity": "disabled"},
+                            "tls": {"cert": str(tmp / "s.crt"), "key": str(tmp / "s.key")}}
+    for k, v in extra.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return base
+
+
+def _get(port: int, ctx: ssl.SSLContext, path: str, method: str = "GET") -> int:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    finally:
+        conn.close()
+
+
+def test_encrypted_server_key_and_api_override(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path)
+    enc = pki.server.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw"))
+    sec = _section(pki, tmp_path, api={"/v1/status": {"skip_auth": True}})
+    (tmp_path / "s.key").write_bytes(enc)
+    sec["tls"]["password"] = "pw"
+    svc = service.build(sec, store=MemKeyStore())
+    stranger = pki.client_context(make_leaf(None, "stranger", client=True), "stranger")
+    with ServerThread(svc.handler, svc.tls) as st:
+        assert _get(st.port, stranger, "/v1/status") == 200      # skip_auth
+        assert _get(st.port, stranger, "/v1/key/list/") == 403
+    svc.close()
+    sec["tls"]["password"] = "wrong"
+    with pytest.raises(ConfigError, match=r"tls\.password"):
+        service.build(sec, store=MemKeyStore())
+
+
+def test_tls_auth_on_verifies_client_certs(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(pki.ca.cert_pem)
+    signed = make_leaf(pki.ca, "minio", client=True)
+    sec = _section(pki, tmp_path, tls={"auth": "on", "ca": str(tmp_path / "ca.pem")},
+                   admin={"identity": of_certificate(signed.cert)})
+    svc = service.build(sec, store=MemKeyStore())
+    assert svc.tls.verify_client
+    with ServerThread(svc.handler, svc.tls) as st:
+        assert _get(st.port, pki.client_context(signed, "signed"), "/v1/status") == 200
+        selfsigned: Issued = make_leaf(None, "self", client=True)
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            _get(st.port, pki.client_context(selfsigned, "self"), "/v1/status")
+    svc.close()
+    del sec["tls"]["ca"]
+    with pytest.raises(ConfigError, match=r"tls\.ca"):
+        service.build(sec, store=MemKeyStore())
+
+
+def test_configured_keys_are_created_once(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path)
+    store = MemKeyStore()
+    svc = service.build(_section(pki, tmp_path, keys=[{"name": "k1"}, {"name": "k2"}]),
+                        store=store)
+    svc.create_configured_keys()
+    first = store.get("k1")
+    svc.create_configured_keys()          # existing keys are left alone
+    assert store.get("k1") == first and store.list("") == ["k1", "k2"]
+    svc.close()
+
+
+def test_missing_keystore_and_files_are_config_errors(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path)
+    with pytest.raises(ConfigError, match=r"keystore\.vault"):
+        service.build(_section(pki, tmp_path))
+    sec = _section(pki, tmp_path)
+    sec["tls"]["cert"] = str(tmp_path / "missing.crt")
+    with pytest.raises(ConfigError, match=r"tls\.cert: cannot read"):
+        service.build(sec, store=MemKeyStore())
