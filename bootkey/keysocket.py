@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -234,7 +235,9 @@ class KeySocketServer:
         self._key_for = key_for
         self._is_managed = is_managed
         self._activated = activated_fds
+        self._max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._wake_r, self._wake_w = -1, -1
         self._sock: socket.socket | None = None
         self._owns_path = False
         self._thread: threading.Thread | None = None
@@ -246,34 +249,46 @@ class KeySocketServer:
     def start(self) -> None:
         fds = self._activated if self._activated is not None else systemd_fds()
         fd = pick_activated_fd(fds) if fds else None
-        if fd is not None:
-            self._sock = socket.socket(fileno=fd)
+        if fd is not None and _is_listening_unix_stream(fd):
+            # Serve a duplicate: the inherited fd stays open, so a stop() and start()
+            # in the same process finds it again, and closing ours leaves systemd's
+            # listening socket (and activation on the next connection) intact.
+            self._sock = socket.socket(fileno=os.dup(fd))
             self.activated = True
             log.info("key socket: serving the socket systemd passed (fd %d)", fd)
         else:
             self._sock = _bind_path(self.path)
             self._owns_path = True
             log.info("key socket: listening on %s", self.path)
-        self._thread = threading.Thread(target=self._accept_loop, args=(self._sock,),
+        self._stopping.clear()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._accept_loop,
+                                        args=(self._sock, self._wake_r),
                                         name="keysocket", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop accepting. Never shutdown() the listening socket: when systemd passed it,
+        that would break it for systemd too. Connections already accepted finish on
+        their own, within their deadline."""
         self._stopping.set()
+        if self._thread is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+            self._thread.join(timeout=5)
+            self._thread = None
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         sock, self._sock = self._sock, None
         if sock is not None:
-            # shutdown wakes the accept() in the other thread; close alone does not.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
             if self._owns_path:
                 # A socket file nobody listens on gives ECONNREFUSED, which
                 # systemd-cryptsetup treats as fatal; a missing one makes it fall through.
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
+                self._owns_path = False
             sock.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def __enter__(self) -> KeySocketServer:
         self.start()
@@ -284,19 +299,31 @@ class KeySocketServer:
 
     # -- I/O -------------------------------------------------------------------
 
-    def _accept_loop(self, sock: socket.socket) -> None:
+    def _accept_loop(self, sock: socket.socket, wake: int) -> None:
+        # Non-blocking accept after select: another process sharing the socket (an
+        # agent being replaced) may take the connection between the two calls.
+        sock.setblocking(False)
         while not self._stopping.is_set():
             try:
+                ready, _, _ = select.select([sock.fileno(), wake], [], [])
+            except OSError as e:
+                log.error("key socket: cannot wait for connections: %s", e)
+                return
+            if wake in ready:
+                return
+            try:
                 conn, _ = sock.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:
                 # EMFILE and friends: back off briefly instead of spinning.
+                log.warning("key socket: accept failed: %s", e.strerror or e)
                 self._stopping.wait(0.1)
                 continue
+            conn.setblocking(True)
             if not self._slots.acquire(blocking=False):
                 log.warning("key socket: %d connections in progress, declining a new one",
-                            MAX_CONNECTIONS)
+                            self._max_connections)
                 _close(conn)
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="keysocket-conn",

@@ -350,6 +350,34 @@ def test_stop_removes_the_socket_it_bound_and_start_replaces_a_stale_one(
         assert systemd_client(sock_path, "data") == KEYS["data"]
 
 
+def test_stopping_leaves_an_inherited_socket_listening(tmp_path: Path) -> None:
+    """With socket activation the listening socket is systemd's too: stopping the agent
+    must not shut it down, or the next boot-time connection could not re-activate it.
+    A second server in the same process (a restart) serves the queued client."""
+    path = tmp_path / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    fds = {listener.fileno(): "cryptsetup"}
+    cfg = KeysocketConfig(path=tmp_path / "unused" / "x.sock", timeout=5)
+    first = KeySocketServer(cfg, Provider(), set(KEYS).__contains__, activated_fds=fds)
+    first.start()
+    assert first.activated
+    assert systemd_client(path, "data") == KEYS["data"]
+    first.stop()
+    assert path.exists()
+    # the socket still accepts into its backlog while no agent runs ...
+    got: list[bytes] = []
+    client = threading.Thread(target=lambda: got.append(systemd_client(path, "logs")))
+    client.start()
+    # ... and the next agent answers that waiting client
+    with KeySocketServer(cfg, Provider(), set(KEYS).__contains__, activated_fds=fds):
+        client.join(10)
+    assert got == [KEYS["logs"]]
+    assert not (tmp_path / "unused").exists()
+    listener.close()
+
+
 def test_refuses_a_shared_directory_or_a_non_socket(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
