@@ -217,8 +217,9 @@ class KeySocketServer:
 
         server = KeySocketServer(config.keysocket, agent.key_for, agent.is_managed)
         server.start()      # takes the socket-activated fd if systemd passed one
+        server.link_volumes(["data", "logs"])   # /run/cryptsetup-keys.d/<vol>.key
         ...
-        server.stop()       # closes it; removes the socket file only if it bound it
+        server.stop()       # removes the links; the socket file only if it bound it
     """
 
     def __init__(
@@ -238,6 +239,7 @@ class KeySocketServer:
         self._max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._wake_r, self._wake_w = -1, -1
+        self._links_dir: Path | None = None
         self._sock: socket.socket | None = None
         self._owns_path = False
         self._thread: threading.Thread | None = None
@@ -280,6 +282,9 @@ class KeySocketServer:
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        if self._links_dir is not None:
+            remove_key_links(self.listening_path, self._links_dir)
+            self._links_dir = None
         sock, self._sock = self._sock, None
         if sock is not None:
             if self._owns_path:
@@ -289,6 +294,21 @@ class KeySocketServer:
                     self.path.unlink()
                 self._owns_path = False
             sock.close()
+
+    @property
+    def listening_path(self) -> Path:
+        """The path clients connect to: the inherited socket's own, else ours."""
+        if self._sock is not None:
+            name = self._sock.getsockname()
+            if isinstance(name, str) and name:
+                return Path(name)
+        return self.path
+
+    def link_volumes(self, volumes: Iterable[str], keys_dir: Path = KEYS_DIR) -> list[Path]:
+        """Point keys_dir/<volume>.key at this socket for exactly these volumes (call
+        again when the set changes); stop() removes the links again."""
+        self._links_dir = keys_dir
+        return place_key_links(volumes, self.listening_path, keys_dir)
 
     def __enter__(self) -> KeySocketServer:
         self.start()

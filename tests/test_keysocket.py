@@ -461,6 +461,29 @@ def test_place_key_links(tmp_path: Path) -> None:
         place_key_links(["../etc"], sock, keys_dir)
 
 
+def test_server_links_volumes_to_the_socket_it_serves(tmp_path: Path) -> None:
+    """With an inherited socket the links must name *its* path, not the config's."""
+    path = tmp_path / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    keys_dir = tmp_path / "keys.d"
+    cfg = KeysocketConfig(path=tmp_path / "unused" / "x.sock", timeout=5)
+    srv = KeySocketServer(cfg, Provider(), set(KEYS).__contains__,
+                          activated_fds={listener.fileno(): "cryptsetup"})
+    srv.start()
+    try:
+        assert srv.listening_path == path
+        links = srv.link_volumes(["data"], keys_dir)
+        assert [os.readlink(p) for p in links] == [str(path)]
+        # systemd-cryptsetup opens the link, gets ENXIO, connects to what it names
+        assert systemd_client(links[0], "data") == KEYS["data"]
+    finally:
+        srv.stop()
+    assert list(keys_dir.iterdir()) == []
+    listener.close()
+
+
 # -- the real systemd-cryptsetup as the client ------------------------------------------
 
 
