@@ -87,7 +87,11 @@ def loop() -> Iterator[Callable[[Path], str]]:
 
 
 def uevent(devnode: str, action: str = "change") -> None:
-    Path(f"/sys/class/block/{Path(devnode).name}/uevent").write_text(action)
+    """Ask the kernel to re-announce the device, as `udevadm trigger` does."""
+    try:
+        Path(f"/sys/class/block/{Path(devnode).name}/uevent").write_text(action)
+    except OSError as e:
+        pytest.skip(f"cannot trigger uevents here: {e}")
 
 
 def test_watcher_reports_a_luks_device_from_real_uevents(
