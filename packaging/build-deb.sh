@@ -145,7 +145,7 @@ cat > "$W/root/DEBIAN/postinst" <<'EOF'
 # enables bootkey.service (or the socket) once /etc/bootkey/bootkey.toml exists.
 set -e
 if [ "$1" = configure ]; then
-  /usr/bin/python3 -m compileall -q -j0 /usr/lib/bootkey >/dev/null 2>&1 || true
+  /usr/bin/python3 -m compileall -q /usr/lib/bootkey >/dev/null 2>&1 || true
   if [ -d /run/systemd/system ] && [ -f /usr/lib/tmpfiles.d/bootkey.conf ]; then
     systemd-tmpfiles --create bootkey.conf || true
   fi
