@@ -12,6 +12,7 @@ Every wait is bounded by `unlock.deadline`: past it the agent exits with a clear
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
-from bootkey import secret, unlock
+from bootkey import luks, secret, unlock
 from bootkey.config import Config
 from bootkey.errors import BootkeyError, DeadlineExceeded
+from bootkey.journal import fields
 from bootkey.notify import Notifier, watchdog_interval
 from bootkey.secret import SecretBuffer
 from bootkey.unlock import Volume, VolumeResult
@@ -40,6 +42,22 @@ def keysocket_component(agent: Agent) -> Component | None:
         return None
     return keysocket.KeySocketServer(agent.cfg.keysocket, agent.key_for, agent.is_managed,
                                      activated_fds=fds)
+
+
+def _same_device(spec: str, devnode: str) -> bool:
+    try:
+        return os.path.realpath(luks.resolve_device(spec)) == os.path.realpath(devnode)
+    except BootkeyError:
+        return False
+
+
+def hotplug_component(agent: Agent) -> Component | None:
+    """Volumes that appear after boot are unlocked like the ones present at start."""
+    if agent.cfg.unlock.mode != "agent":
+        return None
+    from bootkey.hotplug import HotplugWatcher
+
+    return HotplugWatcher(agent.on_luks_device)
 
 
 class Interrupted(Exception):
@@ -61,7 +79,7 @@ class Agent:
     require_mlock: bool = False
     notifier: Notifier = field(default_factory=Notifier)
     components: list[ComponentFactory] = field(
-        default_factory=lambda: [keysocket_component])
+        default_factory=lambda: [keysocket_component, hotplug_component])
     stop_event: threading.Event = field(default_factory=threading.Event)
     session: VaultSession | None = None
     results: dict[str, VolumeResult] = field(default_factory=dict)
@@ -105,6 +123,34 @@ class Agent:
         if self.session is None:
             raise RuntimeError("agent: no Vault session before login")
         return self.session
+
+    def on_luks_device(self, devnode: str) -> None:
+        """Hotplug: unlock `devnode` if it is ours (token for this host, or configured).
+        Opening is idempotent, so duplicate udev events cost a header read."""
+        if not self.logged_in.is_set():
+            return  # the start-up pass resolves every device anyway
+        try:
+            hdr = luks.inspect(devnode)
+        except BootkeyError:
+            return
+        host = self.cfg.resolved_host_id()
+        configured = next((vc for vc in self.cfg.volume
+                           if _same_device(vc.device, devnode)), None)
+        vol = unlock.volume_from_header(hdr, self.cfg, host, configured)
+        if vol is None:
+            return
+        prev = self.results.get(vol.name)
+        if prev is not None and prev.ok:
+            return
+        log.info("hotplug: %s appeared, unlocking %s", devnode, vol.name,
+                 extra=fields(volume=vol.name, luks_uuid=vol.luks_uuid, device=devnode))
+        use = unlock.check_key if self.check else unlock.open_with_key
+        r = unlock.unlock_one(self._session(), vol, use,
+                              time.monotonic() + self.cfg.unlock.deadline)
+        self.results[vol.name] = r
+        with self._volumes_lock:
+            self._volumes_at = 0.0  # re-resolve on next use
+        self.notifier.status(self.summary())
 
     # ---- waiting that SIGTERM interrupts -----------------------------------------
 

@@ -173,3 +173,28 @@ def test_socket_mode_serves_verified_keys_to_systemd_clients(
         rc, err = stop(proc)
     assert rc == 0, err
     assert not sock.exists()
+
+
+def test_hotplugged_volume_is_unlocked(vault_env2: VaultEnv, tmp_path: Path,
+                                       notify: NotifyListener) -> None:
+    """A LUKS device that appears after READY (a loop device here: a real kernel uevent)
+    and carries this host's token is unlocked without a restart."""
+    cfg_file = two_volumes(vault_env2, tmp_path)
+    later = tmp_path / "later"
+    later.mkdir()
+    enroll_direct(vault_env2.config(), vault_env2.enroll_token,
+                  make_image(later / "hot.img"), name="hot")
+    proc = start_agent(cfg_file, notify)
+    loop = ""
+    try:
+        notify.wait_for(lambda m: m == "READY=1")
+        assert "STATUS=2/2 volumes verified" in notify.messages
+        loop = subprocess.run(["losetup", "-f", "--show", str(later / "hot.img")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        notify.wait_for(lambda m: m == "STATUS=3/3 volumes verified")
+    finally:
+        rc, err = stop(proc)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    assert rc == 0, err
+    assert f"hotplug: {loop} appeared, unlocking hot" in err
