@@ -241,6 +241,9 @@ class Api:
     async def _key(self, name: str, req: Request) -> KeyVersion:
         if not pol.valid_name(name):
             raise errors.invalid_key_name(name)
+        hit = self.keyring.cached(name)
+        if hit is not None:
+            return hit  # the common case (MinIO's per-object calls): no thread hop
         try:
             return await self._io(self.keyring.get, name)
         except KeyNotFound:

@@ -147,6 +147,16 @@ class Keyring:
 
     # ---- keys
 
+    def cached(self, name: str) -> KeyVersion | None:
+        """The cached key or None, without I/O: lets async callers skip a thread hop."""
+        self.maintain()
+        with self._lock:
+            entry = self._cache.get(name)
+            if entry is None:
+                return None
+            entry.used = True
+            return entry.key
+
     def get(self, name: str) -> KeyVersion:
         """Cached key, or one store read shared by all concurrent callers for `name`."""
         self.maintain()

@@ -373,3 +373,10 @@ def test_policy_hcl_is_enough_and_least_privilege(bao: DevBao, version: int,
                                            prefix="elsewhere"))
     with pytest.raises(StoreError, match="403"):
         other.create("k", _value())
+
+
+def test_cached_is_io_free_lookup() -> None:
+    ring, store, _ = _ring(CacheExpiry())
+    assert ring.cached("k") is None and store.reads == 0
+    kv = ring.get("k")
+    assert ring.cached("k") is kv and store.reads == 1
