@@ -7,6 +7,7 @@ real /lib/systemd/systemd-cryptsetup exists, it is used as the client too.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -165,6 +166,28 @@ def test_root_client_gets_the_key_verbatim_and_the_buffer_is_wiped(
     assert systemd_client(sock_path, "logs") == KEYS["logs"]
     assert p.calls == ["data", "logs"]
     wait_for(lambda: all(b.closed for b in p.given))
+
+
+def test_key_bytes_never_reach_the_log(serve: Callable[..., KeySocketServer], sock_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    key = b"UNIQUE-KEY-MARKER-" + os.urandom(8).hex().encode()
+    KEYS["marked"] = key
+    # Attached directly: bootkey.journal.setup() (run by any cli test) turns off
+    # propagation to the root logger, where caplog listens by default.
+    bootkey_log = logging.getLogger("bootkey")
+    bootkey_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="bootkey"):
+            serve(Provider(), managed={"marked", "data"})
+            assert systemd_client(sock_path, "marked") == key
+            assert systemd_client(sock_path, "other") == b""
+    finally:
+        bootkey_log.removeHandler(caplog.handler)
+        del KEYS["marked"]
+    assert any("sent the key" in r.getMessage() for r in caplog.records)
+    for r in caplog.records:
+        text = r.getMessage() + repr(r.args) + repr(r.__dict__)
+        assert "UNIQUE-KEY-MARKER" not in text
 
 
 def test_socket_file_and_directory_are_private(serve: Callable[..., KeySocketServer],
