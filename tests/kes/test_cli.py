@@ -116,6 +116,7 @@ keystore:
             cert.write_bytes(api_key.certificate().public_bytes(serialization.Encoding.PEM))
             key.write_bytes(api_key.private_key_pem())
             ctx.load_cert_chain(str(cert), str(key))
+            deks: list[bytes] = []
             for _ in range(4):  # new connections: with workers, the kernel spreads them
                 conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
                 conn.request("POST", "/v1/key/generate/minio-default",
@@ -123,11 +124,17 @@ keystore:
                 r = conn.getresponse()
                 body = json.loads(r.read())
                 assert r.status == 200 and len(base64.b64decode(body["plaintext"])) == 32
+                deks.append(base64.b64decode(body["plaintext"]))
                 conn.close()
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(20)
         assert rc == 0
+        assert proc.stderr is not None
+        logged = "".join(lines) + proc.stderr.read()
+        for dek in deks:  # the server's whole output carries no data key in any spelling
+            for form in (base64.b64encode(dek).decode(), dek.hex()):
+                assert form not in logged
     finally:
         bao.stop()
 
