@@ -392,6 +392,7 @@ async def h_key_list(api: Api, req: Request, pattern: str) -> Response:
 
 
 async def h_key_generate(api: Api, req: Request, name: str) -> Response:
+    _check_key_name(name)  # KES validates the name before it reads the body
     body = _body(req, MAX_BODY)
     context = _b64_field(body, "context")
     kv = await api._key(name, req)
@@ -407,6 +408,7 @@ async def h_key_generate(api: Api, req: Request, name: str) -> Response:
 
 
 async def h_key_encrypt(api: Api, req: Request, name: str) -> Response:
+    _check_key_name(name)  # KES validates the name before it reads the body
     body = _body(req, MAX_BODY)
     plaintext = _b64_field(body, "plaintext")
     context = _b64_field(body, "context")
@@ -420,6 +422,7 @@ async def h_key_encrypt(api: Api, req: Request, name: str) -> Response:
 
 
 async def h_key_decrypt(api: Api, req: Request, name: str) -> Response:
+    _check_key_name(name)  # KES validates the name before it reads the body
     body = _body(req, MAX_BODY)
     ciphertext = _b64_field(body, "ciphertext")
     context = _b64_field(body, "context")
@@ -429,6 +432,11 @@ async def h_key_decrypt(api: Api, req: Request, name: str) -> Response:
         return ok_json({"plaintext": _b64(pt)})
     finally:
         pt[:] = bytes(len(pt))
+
+
+def _check_key_name(name: str) -> None:
+    if not pol.valid_name(name):
+        raise errors.invalid_key_name(name)
 
 
 def _open(kv: KeyVersion, ciphertext: bytes, context: bytes) -> bytearray:
@@ -461,6 +469,7 @@ async def h_key_bulk_decrypt(api: Api, req: Request, name: str) -> Response:
 
 
 async def h_key_hmac(api: Api, req: Request, name: str) -> Response:
+    _check_key_name(name)  # KES validates the name before it reads the body
     body = _body(req, MAX_BODY)
     message = _b64_field(body, "message")
     kv = await api._key(name, req)

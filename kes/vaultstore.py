@@ -99,7 +99,11 @@ class VaultKeyStore:
                 raise StoreError(
                     f"vault: cannot {what} {url}: {type(e).__name__}") from e
             if resp.status_code == 403 and attempt == 0 and self._relogin is not None:
-                self._relogin()
+                try:
+                    self._relogin()
+                except Exception as e:
+                    raise StoreError(f"vault: cannot {what} {url}: token expired and login "
+                                     f"failed: {e}") from None
                 continue
             if resp.status_code == 503:
                 raise StoreUnreachable(f"vault: cannot {what} {url}: Vault is sealed or standby")

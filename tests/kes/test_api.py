@@ -375,3 +375,8 @@ def test_audit_and_error_streams_deliver(api: Api, store: FlakyStore) -> None:
     assert audits[2]["response"]["code"] == 502
     assert "cannot create key 'k2'" in errs[0]["message"]
     assert api.audit_hub.subscribers == 0
+
+
+def test_name_is_checked_before_body(api: Api) -> None:
+    r = call(api, "PUT", "/v1/key/generate/a.b", raw=b"{")
+    assert err(r) == (400, "key name 'a.b' is empty, too long or contains invalid characters")

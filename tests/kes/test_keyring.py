@@ -380,3 +380,30 @@ def test_cached_is_io_free_lookup() -> None:
     assert ring.cached("k") is None and store.reads == 0
     kv = ring.get("k")
     assert ring.cached("k") is kv and store.reads == 1
+
+
+def test_expired_token_triggers_one_relogin(bao: DevBao) -> None:
+    import hvac
+
+    from kes.vaultstore import VaultKeyStore
+    full = vault_store(bao, 2)
+    full.create("k", _value())
+    root = bao.client()
+    token = {"t": "not-a-valid-token"}
+    logins: list[int] = []
+
+    def relogin() -> None:
+        logins.append(1)
+        token["t"] = root.token
+
+    store = VaultKeyStore(lambda: hvac.Client(url=bao.address, token=token["t"]), full.cfg,
+                          relogin=relogin)
+    assert store.get("k")
+    assert logins == [1]
+
+    def failing() -> None:
+        raise RuntimeError("approle refused")
+    broken = VaultKeyStore(lambda: hvac.Client(url=bao.address, token="bad"), full.cfg,
+                           relogin=failing)
+    with pytest.raises(StoreError, match="login failed"):
+        broken.get("k")
