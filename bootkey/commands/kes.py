@@ -181,8 +181,12 @@ def run_vault_policy(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from bootkey import secret
     from kes import server, service
     from kes.config import host_port
+
+    # Before any key exists: lock memory (warns if refused), no core dumps, no ptrace.
+    secret.harden_process()
 
     factory = None
     relogin = None
