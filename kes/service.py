@@ -25,6 +25,7 @@ from typing import Any
 import hvac
 from cryptography.hazmat.primitives import serialization
 
+from bootkey import secret
 from bootkey.errors import ConfigError
 from kes import config as kconf
 from kes.api import Api
@@ -52,6 +53,7 @@ class Service:
     probe_interval: float = 10.0
     _started: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    harden_workers: bool = False  # `kes serve` sets it; it hardened the parent itself
     _log_handler: logging.Handler | None = None
     _built_in: int = field(default_factory=os.getpid)
 
@@ -68,7 +70,11 @@ class Service:
                 return
             self._started = True
             if os.getpid() != self._built_in:
-                # A forked worker: pooled Vault connections belong to the parent's copy.
+                # A forked worker: memory locks are not inherited across fork, and pooled
+                # Vault connections belong to the parent's copy. No key is in this process
+                # yet (keys are fetched by requests, and this runs before the first one).
+                if self.harden_workers:
+                    secret.harden_process()
                 after_fork = getattr(self.keyring.store, "after_fork", None)
                 if after_fork is not None:
                     after_fork()

@@ -209,6 +209,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if updates:
         cfg = cfg.model_copy(update=updates)
     svc = service.build(cfg, factory, vault_relogin=relogin)
+    svc.harden_workers = True
     svc.create_configured_keys()
     try:
         server.run(svc.handler, svc.tls, svc.host, svc.port, svc.workers,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import ssl
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,28 @@ def test_missing_keystore_and_files_are_config_errors(tmp_path: Path) -> None:
     sec["tls"]["cert"] = str(tmp_path / "missing.crt")
     with pytest.raises(ConfigError, match=r"tls\.cert: cannot read"):
         service.build(sec, store=MemKeyStore())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mlockall needs CAP_IPC_LOCK")
+def test_forked_worker_hardens_itself_before_its_first_request(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path)
+    svc = service.build(_section(pki, tmp_path), store=MemKeyStore())
+    svc.harden_workers = True
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = 1
+        try:
+            os.close(r)
+            from bootkey.secret import vm_locked_kib
+            svc.start()
+            os.write(w, str(vm_locked_kib()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        locked = int(f.read() or "0")
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and locked > 0
+    svc.close()
