@@ -1,0 +1,572 @@
+"""Benchmark: bootkey's KES endpoint against the machine's ceiling (Debian nginx), with
+ApacheBench over mTLS.
+
+    .venv/bin/python -m bench.kes                   # the full table (a few minutes)
+    .venv/bin/python -m bench.kes --quick           # one short run per cell (smoke)
+    .venv/bin/python -m bench.kes --long 600        # memory over a 10-minute run
+
+What runs:
+- bootkey: `kes.service.build` (routing, policy, keyring cache in front of a real
+  `bao server -dev` KV v2, metrics, audit) served by `kes.server.run` with 1 and 2
+  SO_REUSEPORT workers. The load identity is not admin: every request goes through the
+  policy. If `kes.service` cannot be imported, a trivial generate-like handler stands in
+  and the output says so.
+- nginx (Debian, `nginx-light`): `ssl_verify_client optional_no_ca` and `return 200` with a
+  static JSON body of the size of a generate answer, 1 and 2 workers. The better of the two
+  is the ceiling.
+- ab: `ab -q [-k] -n N -c C -E client.pem -p body.json -T application/json -e pct.csv`,
+  client cert self-signed ECDSA P-256 (ab uses Debian's OpenSSL). Keep-alive at c = 1, 16,
+  64; new connections (no -k) at c = 1 and 16. Each cell is the median of `--repeat` runs
+  after a warm-up. p50/p99 come from ab's percentile CSV. Server CPU per request is
+  utime+stime of the whole server process tree over the run.
+
+Prints Markdown for docs/benchmarks.md and writes the raw numbers as JSON. Not part of the
+test suite (tests/kes/test_bench_kes.py only checks that --quick runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kes.identity import of_certificate
+from tests.support.certs import Issued, make_ca, make_leaf
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+KEY = "bench-key"
+# The size of a generate answer: 32-byte plaintext and its ~150-byte ciphertext, base64.
+STATIC_BODY = json.dumps({"plaintext": "A" * 44, "ciphertext": "B" * 200}, separators=(",", ":"))
+
+
+# Process accounting -------------------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for k in kids:
+            out += tree(int(k))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE
+        except FileNotFoundError:
+            continue
+    return total
+
+
+# Certificates and files ---------------------------------------------------------------
+
+
+@dataclass
+class Files:
+    work: Path
+    ca: Issued
+    server: Issued
+    client: Issued  # the load identity (ab)
+    admin: Issued
+
+    @classmethod
+    def create(cls, work: Path) -> Files:
+        ca = make_ca("bench-ca")
+        f = cls(work, ca, make_leaf(ca, "kes", ips=["127.0.0.1"], dns=["localhost"]),
+                make_leaf(None, "minio", kind="ec", client=True),
+                make_leaf(None, "admin", kind="ed25519", client=True))
+        for name, data in (("ca.pem", ca.cert_pem), ("server.crt", f.server.cert_pem),
+                           ("server.key", f.server.key_pem),
+                           ("client.pem", f.client.cert_pem + f.client.key_pem),
+                           ("admin.crt", f.admin.cert_pem), ("admin.key", f.admin.key_pem)):
+            (work / name).write_bytes(data)
+            os.chmod(work / name, 0o600)
+        return f
+
+    def path(self, name: str) -> Path:
+        return self.work / name
+
+
+# Servers ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {limit} s")
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def nginx(files: Files, workers: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    prefix = files.work / f"nginx{workers}"
+    (prefix / "logs").mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {files.path("server.crt")};
+        ssl_certificate_key {files.path("server.key")};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_verify_client optional_no_ca;
+        ssl_session_tickets on;
+        location / {{
+            default_type application/json;
+            return 200 '{STATIC_BODY}';
+        }}
+    }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        yield proc, port
+    finally:
+        stop(proc)
+
+
+SERVE = r"""
+import asyncio, json, os, sys
+cfg = json.load(open(sys.argv[1]))
+import kes.server
+from kes.server import run
+if cfg["loop"] == "asyncio":
+    kes.server.new_event_loop = asyncio.new_event_loop
+if cfg.get("profile"):
+    import cProfile, pstats, signal
+    prof = cProfile.Profile()
+    def dump(*_):
+        prof.disable()
+        pstats.Stats(prof, stream=open(cfg["profile"], "w")).sort_stats("tottime").print_stats(40)
+        os._exit(0)
+    signal.signal(signal.SIGUSR1, dump)
+    prof.enable()
+try:
+    from kes import service
+except Exception as exc:  # the API is not there: measure the transport alone
+    service = None
+    print("TRIVIAL", type(exc).__name__, exc, file=sys.stderr, flush=True)
+if service is not None and not cfg["trivial"]:
+    svc = service.build(cfg["section"], source="bench")
+    handler, tls = svc.handler, svc.tls
+else:
+    import base64, os
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from kes.http import Response
+    from kes.tls import TLSConfig
+    aead = AESGCM(os.urandom(32))
+    async def handler(request):
+        ctx = base64.b64decode(json.loads(request.body or b"{}").get("context") or "")
+        dek = os.urandom(32)
+        ct = aead.encrypt(os.urandom(12), dek, ctx)
+        return Response(200, json.dumps({"plaintext": base64.b64encode(dek).decode(),
+                                         "ciphertext": base64.b64encode(ct).decode()}).encode())
+    tls = TLSConfig(open(cfg["cert"], "rb").read(), open(cfg["key"], "rb").read())
+run(handler, tls, "127.0.0.1", cfg["port"], workers=cfg["workers"])
+"""
+
+
+@contextmanager
+def bootkey_kes(files: Files, workers: int, vault: str, *, trivial: bool, loop: str = "uvloop",
+                profile: str = "") -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    ident = of_certificate(files.client.cert)
+    section = {
+        "address": f"127.0.0.1:{port}",
+        "admin": {"identity": of_certificate(files.admin.cert)},
+        "tls": {"cert": str(files.path("server.crt")), "key": str(files.path("server.key"))},
+        "policy": {"minio": {"allow": ["/v1/key/generate/bench-*", "/v1/key/decrypt/bench-*",
+                                       "/v1/status"], "identities": [ident]}},
+        "log": {"error": "on", "audit": "on"},
+        "keystore": {"vault": {"endpoint": vault, "token": "root", "engine": "secret",
+                               "version": "v2", "prefix": f"bench-{os.getpid()}-{port}"}},
+    }
+    cfg = files.work / f"serve-{port}.json"
+    cfg.write_text(json.dumps({"section": section, "port": port, "workers": workers,
+                               "trivial": trivial, "loop": loop, "profile": profile,
+                               "cert": str(files.path("server.crt")),
+                               "key": str(files.path("server.key"))}))
+    root = Path(__file__).resolve().parents[1]
+    with (files.work / "serve.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-c", SERVE, str(cfg)], cwd=root,
+                                stdout=subprocess.DEVNULL, stderr=log,
+                                env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        wait_port(port, proc)
+        yield proc, port
+    finally:
+        stop(proc)
+
+
+# Requests -----------------------------------------------------------------------------
+
+
+def https(files: Files, port: int, method: str, path: str, *, body: bytes = b"",
+          admin: bool = False) -> tuple[int, bytes]:
+    ctx = ssl.create_default_context(cafile=str(files.path("ca.pem")))
+    if admin:
+        ctx.load_cert_chain(str(files.path("admin.crt")), str(files.path("admin.key")))
+    else:
+        ctx.load_cert_chain(str(files.path("client.pem")))
+    import http.client
+
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+def prepare_bodies(files: Files, port: int, trivial: bool) -> dict[str, Path]:
+    """Create the key (as admin) and a ciphertext to decrypt; write ab's POST bodies."""
+    context = base64.b64encode(b'{"MinIO":"bench/object"}').decode()
+    gen = json.dumps({"context": context}).encode()
+    if not trivial:
+        status, text = https(files, port, "POST", f"/v1/key/create/{KEY}", admin=True)
+        if status != 200:
+            raise RuntimeError(f"create {KEY}: {status} {text!r}")
+    status, text = https(files, port, "POST", f"/v1/key/generate/{KEY}", body=gen)
+    if status != 200:
+        raise RuntimeError(f"generate: {status} {text!r}")
+    ciphertext = json.loads(text)["ciphertext"]
+    dec = json.dumps({"ciphertext": ciphertext, "context": context}).encode()
+    if not trivial:
+        status, text = https(files, port, "POST", f"/v1/key/decrypt/{KEY}", body=dec)
+        if status != 200:
+            raise RuntimeError(f"decrypt: {status} {text!r}")
+    out = {"generate": files.path("generate.json"), "decrypt": files.path("decrypt.json")}
+    out["generate"].write_bytes(gen)
+    out["decrypt"].write_bytes(dec)
+    return out
+
+
+# ab -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    rps: float
+    p50: float
+    p99: float
+    cpu_us: float  # server CPU per request (or per connection without -k)
+    failed: int
+    cores: float  # server CPU seconds / wall seconds
+
+
+@dataclass
+class Target:
+    files: Files
+    port: int
+    pid: int  # the server's top process; CPU and memory count its whole tree
+
+
+def ab_once(t: Target, path: str, body: Path, *, n: int, c: int, keep_alive: bool) -> Cell:
+    files, port, server_pid = t.files, t.port, t.pid
+    pct = files.path("pct.csv")
+    cmd = ["ab", "-q", "-n", str(n), "-c", str(c), "-E", str(files.path("client.pem")),
+           "-p", str(body), "-T", "application/json", "-e", str(pct), "-s", "30"]
+    if keep_alive:
+        cmd.insert(1, "-k")
+    cpu0, t0 = cpu_seconds(server_pid), time.monotonic()
+    out = subprocess.run([*cmd, f"https://127.0.0.1:{port}{path}"], capture_output=True,
+                         text=True, check=True).stdout
+    cpu1, t1 = cpu_seconds(server_pid), time.monotonic()
+    rps = float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    failed = int(re.search(r"Failed requests:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
+    failed += int(non2xx.group(1)) if non2xx else 0
+    if keep_alive:
+        ka = int(re.search(r"Keep-Alive requests:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+        failed += n - ka  # a keep-alive run that reconnects measures handshakes, not requests
+    with pct.open() as fh:
+        rows = {int(float(r[0])): float(r[1]) for r in list(csv.reader(fh))[1:]}
+    return Cell(rps, rows[50], rows[99], (cpu1 - cpu0) / n * 1e6, failed,
+                (cpu1 - cpu0) / (t1 - t0))
+
+
+def ab_cell(t: Target, path: str, body: Path, *, n: int, c: int, keep_alive: bool,
+            repeat: int) -> Cell:
+    ab_once(t, path, body, n=max(200, n // 10), c=c, keep_alive=keep_alive)  # warm-up
+    runs = [ab_once(t, path, body, n=n, c=c, keep_alive=keep_alive) for _ in range(repeat)]
+    runs.sort(key=lambda r: r.rps)
+    return runs[len(runs) // 2]
+
+
+@dataclass
+class Plan:
+    keep_alive_n: int
+    new_conn_n: int
+    repeat: int
+    concurrency: tuple[int, ...] = (1, 16, 64)
+    new_conn_concurrency: tuple[int, ...] = (1, 16)
+
+
+@dataclass
+class Results:
+    trivial: bool = False
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def measure_target(name: str, t: Target, bodies: dict[str, Path], routes: dict[str, str], *,
+                   plan: Plan, results: Results) -> None:
+    for op, path in routes.items():
+        for c in plan.concurrency:
+            cell = ab_cell(t, path, bodies[op], n=plan.keep_alive_n, c=c, keep_alive=True,
+                           repeat=plan.repeat)
+            results.cells[f"{name}|{op}|ka|{c}"] = asdict(cell)
+            print(f"  {name:14} {op:8} keep-alive c={c:<3} {cell.rps:9.0f} req/s "
+                  f"p50 {cell.p50:.2f} p99 {cell.p99:.2f} ms  {cell.cpu_us:5.1f} us/req "
+                  f"{cell.cores:.2f} cores  failed {cell.failed}", flush=True)
+    op = next(iter(routes))
+    for c in plan.new_conn_concurrency:
+        cell = ab_cell(t, routes[op], bodies[op], n=plan.new_conn_n, c=c, keep_alive=False,
+                       repeat=plan.repeat)
+        results.cells[f"{name}|{op}|new|{c}"] = asdict(cell)
+        print(f"  {name:14} {op:8} new-conn   c={c:<3} {cell.rps:9.0f} conn/s "
+              f"p50 {cell.p50:.2f} p99 {cell.p99:.2f} ms  {cell.cpu_us:5.0f} us/conn "
+              f"failed {cell.failed}", flush=True)
+
+
+def long_run(t: Target, bodies: dict[str, Path], seconds: float, results: Results) -> None:
+    """Keep-alive load at c=16, alternating generate and decrypt, sampling the server's RSS."""
+    samples: list[tuple[float, int, float]] = []
+    start = time.monotonic()
+    total = 0
+    i = 0
+    while (now := time.monotonic()) - start < seconds:
+        op = ("generate", "decrypt")[i % 2]
+        cell = ab_once(t, f"/v1/key/{op}/{KEY}", bodies[op], n=20000, c=16, keep_alive=True)
+        total += 20000
+        i += 1
+        samples.append((round(now - start, 1), rss_bytes(t.pid), cell.rps))
+    rss = [s[1] for s in samples]
+    results.memory["long"] = {
+        "seconds": round(time.monotonic() - start), "requests": total,
+        "rss_first_mib": rss[0] / 2**20, "rss_min_mib": min(rss) / 2**20,
+        "rss_max_mib": max(rss) / 2**20, "rss_last_mib": rss[-1] / 2**20,
+        "rps_median": statistics.median(s[2] for s in samples),
+        "samples": [(t, round(r / 2**20, 2), round(x)) for t, r, x in samples],
+    }
+    print(f"  long run: {total} requests in {seconds:.0f} s, RSS first "
+          f"{rss[0] / 2**20:.1f} MiB, min {min(rss) / 2**20:.1f}, max {max(rss) / 2**20:.1f}, "
+          f"last {rss[-1] / 2**20:.1f} MiB", flush=True)
+
+
+def versions() -> dict[str, str]:
+    import httptools
+    import OpenSSL
+
+    out = {"python": sys.version.split()[0], "pyOpenSSL": OpenSSL.__version__,
+           "OpenSSL (pyOpenSSL)": OpenSSL.SSL.SSLeay_version(OpenSSL.SSL.SSLEAY_VERSION).decode(),
+           "httptools": httptools.__version__}
+    try:
+        import uvloop
+
+        out["uvloop"] = getattr(uvloop, "__version__", "?")
+    except ImportError:
+        out["uvloop"] = "not installed (asyncio loop)"
+    nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True,
+                             check=False).stderr.strip()
+    out["nginx"] = nginx_v.split("/")[-1]
+    ab_v = subprocess.run(["ab", "-V"], capture_output=True, text=True,
+                          check=False).stdout.split("\n")[0]
+    out["ab"] = ab_v.split("Version ")[-1].split(" ")[0]
+    out["cpus"] = str(os.cpu_count())
+    return out
+
+
+def markdown(results: Results, plan: Plan, workers: list[int]) -> str:
+    cells = results.cells
+    ceiling_names = [f"nginx-{w}" for w in workers]
+
+    def ceiling(col: str) -> float:
+        return max((cells[f"{n}|static|{col}"]["rps"] for n in ceiling_names
+                    if f"{n}|static|{col}" in cells), default=0.0)
+
+    cols = [f"ka|{c}" for c in plan.concurrency] + [f"new|{c}" for c in plan.new_conn_concurrency]
+    head = ["target", "route"] + [("keep-alive" if k == "ka" else "new conn") + f" c={c}"
+                                  for k, c in (col.split("|") for col in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
+    for w in workers:
+        for op in ("generate", "decrypt"):
+            rows.append((f"bootkey-{w}", op, f"bootkey, {w} worker{'s' * (w > 1)}"))
+    for w in workers:
+        rows.append((f"nginx-{w}", "static", f"nginx, {w} worker{'s' * (w > 1)}"))
+    for name, op, label in rows:
+        out = [label, op if op != "static" else "static JSON"]
+        for col in cols:
+            cell = cells.get(f"{name}|{op}|{col}")
+            if cell is None and col.startswith("new"):
+                cell = cells.get(f"{name}|generate|{col}") if op == "decrypt" else None
+                if cell is None:
+                    out.append("-")
+                    continue
+                out.append("(as generate)")
+                continue
+            if cell is None:
+                out.append("-")
+                continue
+            pct = 100 * cell["rps"] / ceiling(col) if ceiling(col) else 0
+            unit = "µs/req" if col.startswith("ka") else "µs/conn"
+            fail = f" · **{cell['failed']} failed**" if cell["failed"] else ""
+            out.append(f"{cell['rps'] / 1000:.1f}k · {cell['p50']:.2f}/{cell['p99']:.2f} · "
+                       f"{pct:.0f}% · {cell['cpu_us']:.0f} {unit}{fail}")
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny runs: checks that it all works")
+    ap.add_argument("--requests", type=int, default=20000, help="keep-alive requests per run")
+    ap.add_argument("--connections", type=int, default=2000, help="requests per new-conn run")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--trivial", action="store_true", help="transport only, no KES API")
+    ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                    help="event loop of the bootkey server (uvloop falls back to asyncio "
+                         "when not installed)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="cProfile the (single-worker) server; write the top functions here")
+    ap.add_argument("--long", type=float, default=0.0, metavar="SECONDS",
+                    help="only the memory run: keep-alive load for this long")
+    ap.add_argument("--json", type=Path, default=None, help="write raw results here")
+    a = ap.parse_args(argv)
+
+    for tool in ("ab", "nginx"):
+        if shutil.which(tool) is None and not (tool == "nginx" and a.no_nginx):
+            print(f"bench.kes: {tool} not found — run scripts/setup.sh", file=sys.stderr)
+            return 69
+    plan = Plan(a.requests, a.connections, a.repeat)
+    if a.quick:
+        plan = Plan(300, 30, 1, (1, 16), (4,))
+    workers = [int(w) for w in a.workers.split(",")]
+    results = Results(trivial=a.trivial, versions=versions())
+    results.versions["server loop"] = a.loop
+    work = Path(tempfile.mkdtemp(prefix="bootkey-bench-kes-"))
+    from tests.support.bao import DevBao
+
+    bao = DevBao(work / "bao").start()
+    try:
+        files = Files.create(work)
+        results.load.append(os.getloadavg()[0])
+        for w in workers if not a.long else workers[:1]:
+            with bootkey_kes(files, w, bao.address, trivial=a.trivial, loop=a.loop,
+                             profile=str(a.profile or "")) as (proc, port):
+                if "TRIVIAL" in (work / "serve.log").read_text(errors="replace"):
+                    results.trivial = True
+                bodies = prepare_bodies(files, port, results.trivial)
+                rss0 = rss_bytes(proc.pid)
+                print(f"bootkey KES, {w} worker(s), pid {proc.pid}, port {port}"
+                      f"{' (TRIVIAL HANDLER)' if results.trivial else ''}", flush=True)
+                target = Target(files, port, proc.pid)
+                if a.long:
+                    long_run(target, bodies, a.long, results)
+                    continue
+                measure_target(f"bootkey-{w}", target, bodies,
+                               {"generate": f"/v1/key/generate/{KEY}",
+                                "decrypt": f"/v1/key/decrypt/{KEY}"}, plan=plan, results=results)
+                if a.profile:
+                    proc.send_signal(signal.SIGUSR1)
+                    proc.wait(30)
+                results.memory[f"bootkey-{w}"] = {"rss_before_mib": rss0 / 2**20,
+                                                  "rss_after_mib": rss_bytes(proc.pid) / 2**20}
+        if not a.no_nginx and not a.long:
+            for w in workers:
+                with nginx(files, w) as (proc, port):
+                    print(f"nginx, {w} worker(s), pid {proc.pid}, port {port}", flush=True)
+                    measure_target(f"nginx-{w}", Target(files, port, proc.pid),
+                                   {"static": files.path("generate.json")},
+                                   {"static": "/v1/key/generate/k"}, plan=plan, results=results)
+        results.load.append(os.getloadavg()[0])
+    finally:
+        bao.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    if a.json:
+        a.json.write_text(json.dumps(asdict(results), indent=1))
+    if not a.long:
+        print()
+        print(markdown(results, plan, workers))
+        print()
+        print("versions:", ", ".join(f"{k} {v}" for k, v in results.versions.items()))
+        print(f"load average (1 min) before/after: {results.load}")
+        for k, v in results.memory.items():
+            print(f"memory {k}: {v}")
+    failed = sum(c["failed"] for c in results.cells.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
