@@ -209,7 +209,13 @@ class Api:
         start = time.monotonic()
         if route.metered:
             self.metrics.request_started()
-        resp = await self._serve(route, req, resource, auth_path)
+        try:
+            resp = await self._serve(route, req, resource, auth_path)
+        except BaseException:
+            # Cancelled (the client went away, or shutdown): no answer to count.
+            if route.metered:
+                self.metrics.request_aborted()
+            raise
         elapsed = time.monotonic() - start
         if route.metered:
             self.metrics.request_done(resp.status, elapsed)

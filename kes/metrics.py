@@ -35,6 +35,10 @@ class Metrics:
         with self._lock:
             self.active += 1
 
+    def request_aborted(self) -> None:
+        with self._lock:
+            self.active -= 1
+
     def request_done(self, status: int, seconds: float) -> None:
         kind = "success" if status < 300 else "error" if status < 500 else "failure"
         with self._lock:

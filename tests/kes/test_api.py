@@ -380,3 +380,26 @@ def test_audit_and_error_streams_deliver(api: Api, store: FlakyStore) -> None:
 def test_name_is_checked_before_body(api: Api) -> None:
     r = call(api, "PUT", "/v1/key/generate/a.b", raw=b"{")
     assert err(r) == (400, "key name 'a.b' is empty, too long or contains invalid characters")
+
+
+def test_cancelled_request_leaves_no_active_count(api: Api, store: FlakyStore) -> None:
+    import threading
+    gate = threading.Event()
+    orig = store.get
+
+    def slow(name: str) -> bytes:
+        gate.wait(5)
+        return orig(name)
+    store.get = slow  # type: ignore[method-assign]
+    call(api, "PUT", "/v1/key/create/k")
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(api(Request("PUT", "/v1/key/generate/k", {}, b"{}", ADMIN)))
+        while api.metrics.active == 0:
+            await asyncio.sleep(0)
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(scenario())
+    assert api.metrics.active == 0
