@@ -25,6 +25,7 @@ from bootkey import luks, secret, unlock
 from bootkey.config import Config
 from bootkey.errors import BootkeyError, DeadlineExceeded
 from bootkey.journal import fields
+from bootkey.keysocket import KeySocketServer
 from bootkey.notify import Notifier, watchdog_interval
 from bootkey.secret import SecretBuffer
 from bootkey.unlock import Volume, VolumeResult
@@ -40,8 +41,29 @@ def keysocket_component(agent: Agent) -> Component | None:
     fds = keysocket.systemd_fds()
     if agent.cfg.unlock.mode != "socket" and keysocket.pick_activated_fd(fds) is None:
         return None
-    return keysocket.KeySocketServer(agent.cfg.keysocket, agent.key_for, agent.is_managed,
-                                     activated_fds=fds)
+    return _KeySocket(keysocket.KeySocketServer(agent.cfg.keysocket, agent.key_for,
+                                                agent.is_managed, activated_fds=fds), agent)
+
+
+@dataclass
+class _KeySocket:
+    """The key socket plus /run/cryptsetup-keys.d/<volume>.key links, so crypttab lines
+    with keyfile `none` find it after their TPM2/FIDO2 tokens."""
+
+    server: KeySocketServer
+    agent: Agent
+
+    def start(self) -> None:
+        self.server.start()
+        names = sorted(self.agent.volumes())
+        try:
+            self.server.link_volumes(names, self.agent.cfg.keysocket.keys_dir)
+        except OSError as e:  # /run/cryptsetup-keys.d not writable: the socket still works
+            log.warning("key socket: cannot place /run/cryptsetup-keys.d links: %s",
+                        e.strerror)
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 def _same_device(spec: str, devnode: str) -> bool:
@@ -58,6 +80,37 @@ def hotplug_component(agent: Agent) -> Component | None:
     from bootkey.hotplug import HotplugWatcher
 
     return HotplugWatcher(agent.on_luks_device)
+
+
+class KesComponent:
+    """The embedded KES endpoint, on its own event loop thread, with master keys fetched
+    through the agent's Vault session (same token, renewed by the agent)."""
+
+    def __init__(self, agent: Agent) -> None:
+        import kes.service
+        from kes.server import ServerThread
+
+        session = agent._session()
+        self.service = kes.service.build(agent.cfg.kes, vault_client_factory=session.raw_client,
+                                         vault_relogin=session.login)
+        self.thread = ServerThread(self.service.handler, self.service.tls, self.service.host,
+                                   self.service.port)
+
+    def start(self) -> None:
+        self.thread.__enter__()
+        self.service.start()
+        self.service.create_configured_keys()
+        log.info("KES endpoint listening on %s:%d", self.service.host, self.thread.port)
+
+    def stop(self) -> None:
+        self.thread.__exit__(None, None, None)
+        self.service.close()
+
+
+def kes_component(agent: Agent) -> Component | None:
+    if not agent.cfg.kes.get("enabled"):
+        return None
+    return KesComponent(agent)
 
 
 class Interrupted(Exception):
@@ -78,8 +131,10 @@ class Agent:
     check: bool = False
     require_mlock: bool = False
     notifier: Notifier = field(default_factory=Notifier)
-    components: list[ComponentFactory] = field(
+    # started before the Vault login (they wait for it themselves) / after it
+    early_components: list[ComponentFactory] = field(
         default_factory=lambda: [keysocket_component, hotplug_component])
+    components: list[ComponentFactory] = field(default_factory=lambda: [kes_component])
     stop_event: threading.Event = field(default_factory=threading.Event)
     session: VaultSession | None = None
     results: dict[str, VolumeResult] = field(default_factory=dict)
@@ -221,6 +276,14 @@ class Agent:
         while not self.stop_event.wait(interval):
             self.notifier.watchdog()
 
+    def _start(self, factories: list[ComponentFactory], started: list[Component]) -> None:
+        """Start each component; `started` lists what must be stopped, even on failure."""
+        for factory in factories:
+            comp = factory(self)
+            if comp is not None:
+                comp.start()
+                started.append(comp)
+
     # ---- entry -------------------------------------------------------------------
 
     def run(self) -> int:
@@ -243,13 +306,10 @@ class Agent:
             self.notifier.status("logging in to Vault")
             self.session = VaultSession.from_config(self.cfg, on_wait=self._on_wait,
                                                     sleep=self._sleep)
-            for factory in self.components:
-                comp = factory(self)
-                if comp is not None:
-                    comp.start()
-                    started.append(comp)
+            self._start(self.early_components, started)
             self.session.login(deadline=self.cfg.unlock.deadline)
             self.logged_in.set()
+            self._start(self.components, started)
             if self.cfg.unlock.mode == "agent":
                 volumes, failed = unlock.resolve_volumes(self.cfg)
                 for r in failed:

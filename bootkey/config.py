@@ -141,6 +141,8 @@ class VolumeConfig(_Model):
 class KeysocketConfig(_Model):
     path: Path = Path("/run/bootkey/cryptsetup.sock")
     timeout: Duration = 30.0
+    # where systemd-cryptsetup looks for <volume>.key when crypttab says `none`
+    keys_dir: Path = Path("/run/cryptsetup-keys.d")
 
 
 class Config(_Model):

@@ -199,8 +199,11 @@ class VaultSession:
                     " needs $CREDENTIALS_DIRECTORY — run under systemd with LoadCredential*="
                 )
             return _read_secret_file(Path(cred_dir) / ar.secret_id_credential)
-        if cred_dir and (Path(cred_dir) / "secret-id").exists():
-            return _read_secret_file(Path(cred_dir) / "secret-id")
+        cred = Path(cred_dir) / "secret-id" if cred_dir else None
+        # bootkey.service sets a blank `secret-id` credential (SetCredential=) as the
+        # fallback for a host without secret-id.cred: blank means "use the next source".
+        if cred is not None and cred.exists() and cred.read_bytes().strip():
+            return _read_secret_file(cred)
         if ar.wrapped_secret_id_file:
             return self._unwrap(ar.wrapped_secret_id_file)
         if ar.secret_id_file:

@@ -160,7 +160,10 @@ def test_socket_mode_serves_verified_keys_to_systemd_clients(
                   name="data", key=SecretBuffer.from_bytes(bytearray(key)))
     sock = tmp_path / "run" / "cryptsetup.sock"
     cfg_file = tmp_path / "bootkey.toml"
-    cfg_file.write_text(vault_env2.toml(f'[keysocket]\npath = "{sock}"\ntimeout = "10s"\n')
+    keys_dir = tmp_path / "cryptsetup-keys.d"
+    keys_dir.mkdir()
+    cfg_file.write_text(vault_env2.toml(f'[keysocket]\npath = "{sock}"\ntimeout = "10s"\n'
+                                        f'keys_dir = "{keys_dir}"\n')
                         .replace("[unlock]\n", f'[unlock]\nmode = "socket"\n'
                                  f'search = ["{tmp_path}/*.img"]\n'))
     proc = start_agent(cfg_file, notify)
@@ -168,11 +171,15 @@ def test_socket_mode_serves_verified_keys_to_systemd_clients(
         notify.wait_for(lambda m: m == "READY=1")
         assert systemd_client(sock, "data") == key
         assert systemd_client(sock, "nosuch") == b""
+        # crypttab lines with keyfile `none` find the socket through the keys.d link
+        assert (keys_dir / "data.key").resolve() == sock.resolve()
+        assert systemd_client(keys_dir / "data.key", "data") == key
         assert "STATUS=serving keys to systemd-cryptsetup" in notify.messages
     finally:
         rc, err = stop(proc)
     assert rc == 0, err
     assert not sock.exists()
+    assert not (keys_dir / "data.key").exists()
 
 
 def test_hotplugged_volume_is_unlocked(vault_env2: VaultEnv, tmp_path: Path,

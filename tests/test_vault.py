@@ -179,3 +179,16 @@ def test_namespace_header_is_sent(vault_env2: VaultEnv, bao: DevBao) -> None:
     text = vault_env2.toml().replace("[vault]\n", f'[vault]\nnamespace = "{ns}"\n')
     s = VaultSession(cfgmod.parse(text).vault, token="root")
     assert s.kv_read("secret", 2, "hello") == {"x": "y"}
+
+
+def test_blank_credential_falls_back_to_secret_id_file(vault_env2: VaultEnv, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bootkey.service's `SetCredential=secret-id:\\x20` fallback for hosts that keep the
+    secret_id in a plain file."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "secret-id").write_bytes(b" ")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    s = session(vault_env2)
+    s.login()
+    assert s.logged_in
