@@ -25,7 +25,7 @@ from bootkey.secret import SecretBuffer
 from bootkey.vault import VaultSession
 
 ENTRY_FORMAT = 1
-TOKEN_TYPE = "bootkey"  # noqa: S105 - a LUKS2 token type, not a password
+TOKEN_TYPE = "bootkey"
 KEY_BYTES = 64
 _SEALED = re.compile(r"^vault:v\d+:[A-Za-z0-9+/=]+$")
 
