@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 MAX_KEYSLOTS = 32  # LUKS2_KEYSLOTS_MAX in libcryptsetup
 RUN_DIR = Path("/run/bootkey")  # tmpfs: a header backup (every keyslot) never persists
-RECOVERY_TOKEN_TYPE = "bootkey-recovery"  # noqa: S105 - a token type, not a secret
+RECOVERY_TOKEN_TYPE = "bootkey-recovery"
 # Recovery keys: Crockford base32 (no I, L, O, U: nothing to misread), 8 groups of 4 =
 # 160 bits; added with cryptsetup's default (benchmarked argon2id) KDF because a human
 # may type it and it must resist guessing on a stolen disk.
