@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 
-from bootkey import keystore
+import pytest
+
+from bootkey import keystore, luks
 from tests.enroll.conftest import Env
+from tests.support.luksimg import header_digest
 
 
 def test_enroll_rotate_unenroll(env: Env) -> None:
@@ -108,3 +111,40 @@ def test_format_blank_image(env2: Env) -> None:
     assert env.vault_key_opens(dev) == [0]
     chk = env.unlock_check()
     assert chk[dev]["result"] == "verified"
+
+
+@pytest.mark.slow  # argon2id at cryptsetup's defaults: ~10 s to add, ~2 s per test
+def test_recovery_key_shown_once_and_opens(env2: Env) -> None:
+    """--recovery-key: a typable key in its own keyslot with argon2id, printed once, not
+    stored in Vault or the header."""
+    env = env2
+    dev = str(env.tmp / "rec.img")
+    with open(dev, "wb") as f:
+        f.truncate(20 << 20)
+    res = env.bootkey("enroll", dev, "--format", "--recovery-key", "--json", timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    rec, slot = out["recovery_key"], out["recovery_keyslot"]
+    assert len(rec) == 8 * 4 + 7 and slot == 1
+    hdr = luks.inspect(dev)
+    assert hdr.keyslots[slot].kdf == "argon2id"
+    assert luks.test_key(dev, rec.encode(), slot) is luks.KeyTest.OK
+    assert [t["keyslots"] for t in hdr.tokens_of_type("bootkey-recovery").values()] == [["1"]]
+    assert rec not in json.dumps(hdr.raw)
+    entry = keystore.read_entry(env.session(), env.loc(dev))
+    assert entry is not None and rec not in entry.model_dump_json()
+    assert env.state(dev).keys == [(0, "active")]
+    # the recovery key is a keyslot that stays: unenroll accepts it as the proof
+    res = env.bootkey("unenroll", dev, "--purge", "--unlock-key-file", "-", stdin=rec.encode())
+    assert res.returncode == 0, res.stderr
+    assert set(luks.inspect(dev).keyslots) == {1} and not env.state(dev).entry_exists
+
+
+def test_dry_run_changes_nothing(env2: Env) -> None:
+    env = env2
+    dev = env.image()
+    before = header_digest(dev)
+    res = env.bootkey("enroll", dev, "--unlock-key-file", str(env.passfile()), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "(dry run)" in res.stdout and "AddKeyslot(keyslot=1)" in res.stdout
+    assert header_digest(dev) == before and not env.state(dev).entry_exists
