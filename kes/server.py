@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import datetime as dt
 import logging
 import os
 import signal
@@ -36,10 +37,11 @@ from typing import Any, TypedDict, Unpack, cast
 
 from OpenSSL import SSL
 
+from bootkey.errors import BootkeyError
 from kes import http1
 from kes.http import MAX_BODY, Handler, Response
 from kes.identity import of_certificate
-from kes.tls import TLSConfig, build_context
+from kes.tls import CertSource, TLSConfig, build_context, renewal_delay
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ HEADER_TIMEOUT = 5.0
 IDLE_TIMEOUT = 90.0
 BODY_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 1.0  # KES: graceful shutdown gets 1 s, then connections are closed
+RENEW_RETRY = 30.0  # after a failed certificate renewal; the old one stays in use meanwhile
+RENEW_MIN_INTERVAL = 1.0  # never renew in a tight loop, whatever lifetime the issuer grants
 # Requests parsed ahead while one is being answered; beyond this we stop reading, so a
 # client pipelining without reading responses cannot make us queue without bound.
 MAX_PIPELINED = 32
@@ -138,6 +142,7 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._sent = 0  # bytes handed to TLS in the current _serve_pending round
+        self._dirty = False  # _send was called since the last _flush
         self._drain: asyncio.Future[None] | None = None
         self._peer_closed = False
         self._closed = False
@@ -172,7 +177,7 @@ class _Connection(asyncio.Protocol):
         self._pump_in()
         if not self._busy:
             self._serve_pending()
-        else:
+        elif self._dirty:
             self._flush()
 
     def eof_received(self) -> bool:
@@ -221,6 +226,7 @@ class _Connection(asyncio.Protocol):
             remote=self.remote,
             max_body=self._server.max_body,
         )
+        self._flush()  # TLS 1.2: the server's Finished; TLS 1.3: the session tickets
         self._set_state(http1.State.IDLE)
         return True
 
@@ -252,6 +258,11 @@ class _Connection(asyncio.Protocol):
             self._set_state(parser.state)
 
     def _flush(self) -> None:
+        """Move everything OpenSSL has queued to the socket. Called unconditionally after
+        handshake steps, errors and shutdown; after request processing only when something
+        was sent (`_dirty`), which saves an empty BIO read per request. Output that a
+        `recv` alone produces (a TLS 1.3 KeyUpdate reply) goes out with the next write."""
+        self._dirty = False
         tls, transport = self._tls, self._transport
         while True:
             try:
@@ -264,6 +275,7 @@ class _Connection(asyncio.Protocol):
                 return  # a memory BIO hands out everything it has
 
     def _send(self, data: bytes) -> None:
+        self._dirty = True
         self._sent += len(data)
         self._tls.sendall(data)
 
@@ -350,7 +362,8 @@ class _Connection(asyncio.Protocol):
                     return
                 self._task = task = self._loop.create_task(_resume(coro, first))
                 task.add_done_callback(self._task_done)
-                self._flush()
+                if self._dirty:
+                    self._flush()
                 return
             if type(event) is http1.Continue:
                 self._send(http1.CONTINUE)
@@ -362,7 +375,8 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         if self._closed:
             return
-        self._flush()
+        if self._dirty:
+            self._flush()
         if not pending and not self._write_paused:
             if self._read_paused:
                 self._resume_reading()
@@ -504,6 +518,9 @@ class Server:
 
     `tls` is a `TLSConfig`, or an `SSL.Context` already built with `kes.tls.build_context`
     (workers share one so that their session tickets are interchangeable).
+    With `cert_source`, the certificate is issued again when two thirds of its lifetime
+    have passed (`kes.tls.renewal_delay`) and new connections get the new one; a failed
+    renewal is retried every `RENEW_RETRY` seconds while the old certificate serves on.
     """
 
     def __init__(
@@ -517,9 +534,16 @@ class Server:
         body_timeout: float = BODY_TIMEOUT,
         shutdown_grace: float = SHUTDOWN_GRACE,
         max_body: int = MAX_BODY,
+        cert_source: CertSource | None = None,
     ) -> None:
         self.handler = handler
         self.context = build_context(tls) if isinstance(tls, TLSConfig) else tls
+        self.cert_pem = tls.cert_pem if isinstance(tls, TLSConfig) else None
+        self._cert_received = dt.datetime.now(dt.UTC)
+        self._cert_source = cert_source
+        self._renewer: asyncio.Task[None] | None = None
+        if cert_source is not None and self.cert_pem is None:
+            raise ValueError("cert_source needs the initial certificate as a TLSConfig")
         self.handshake_timeout = handshake_timeout
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -543,6 +567,23 @@ class Server:
     def set_tls(self, tls: TLSConfig | SSL.Context) -> None:
         """Use a new certificate for connections accepted from now on (certificate renewal)."""
         self.context = build_context(tls) if isinstance(tls, TLSConfig) else tls
+        self.cert_pem = tls.cert_pem if isinstance(tls, TLSConfig) else None
+        self._cert_received = dt.datetime.now(dt.UTC)
+
+    async def _renew_forever(self, source: CertSource) -> None:
+        while self.cert_pem is not None:
+            delay = renewal_delay(self.cert_pem, dt.datetime.now(dt.UTC),
+                                  received=self._cert_received)
+            await asyncio.sleep(max(delay, RENEW_MIN_INTERVAL))
+            try:
+                tls = await asyncio.to_thread(source.issue)
+                self.set_tls(tls)
+            except BootkeyError as exc:
+                log.warning("kes: certificate renewal failed, retrying in %.0f s: %s",
+                            RENEW_RETRY, exc)
+                await asyncio.sleep(RENEW_RETRY)
+            else:
+                log.info("kes: renewed the server certificate")
 
     async def start(
         self,
@@ -564,6 +605,8 @@ class Server:
             )
         self._port = int(self._server.sockets[0].getsockname()[1])
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+        if self._cert_source is not None:
+            self._renewer = self._loop.create_task(self._renew_forever(self._cert_source))
 
     @property
     def port(self) -> int:
@@ -581,6 +624,8 @@ class Server:
         """Stop accepting, let in-flight requests finish for `shutdown_grace`, then cut."""
         if self._server is None:
             return
+        if self._renewer is not None:
+            self._renewer.cancel()
         self._server.close()
         for conn in list(self.connections):
             conn.close_soon()
@@ -615,9 +660,14 @@ class ServerThread:
         tls: TLSConfig | SSL.Context,
         host: str = "127.0.0.1",
         port: int = 0,
+        *,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+        cert_source: CertSource | None = None,
         **timeouts: Unpack[Timeouts],
     ) -> None:
-        self.server = Server(handler, tls, **timeouts)  # builds the context: errors surface here
+        # Building the context here makes configuration errors surface in the caller.
+        self.server = Server(handler, tls, cert_source=cert_source, **timeouts)
+        self._loop_factory = loop_factory or new_event_loop
         self._host = host
         self._port = port
         self._ready = threading.Event()
@@ -650,7 +700,7 @@ class ServerThread:
             self._thread.join()
 
     def _main(self) -> None:
-        loop = self.loop = new_event_loop()
+        loop = self.loop = self._loop_factory()
         try:
             loop.run_until_complete(self._amain())
         except BaseException as exc:  # handed to the thread that entered
@@ -725,6 +775,7 @@ def run(
     workers: int = 1,
     *,
     ready: Callable[[int], None] | None = None,
+    cert_source: CertSource | None = None,
     **timeouts: Unpack[Timeouts],
 ) -> None:
     """Serve until SIGTERM or SIGINT. With `workers > 1` the parent builds the SSL context
@@ -732,10 +783,24 @@ def run(
     only supervises: it forwards SIGTERM/SIGINT as SIGTERM, and if a worker dies it stops
     the others and raises. Workers die with the parent (PR_SET_PDEATHSIG). Anything the
     handler holds that cannot survive fork (threads, open connections) must be created
-    lazily, in the worker. `ready(port)`, if given, is called once everything listens."""
+    lazily, in the worker. `ready(port)`, if given, is called once everything listens.
+    With `cert_source` each worker renews on its own (see `Server`); after a renewal the
+    workers' session-ticket keys differ, so resumption across workers is then best effort."""
+    if cert_source is not None:
+        if not isinstance(tls, TLSConfig):
+            raise ValueError("cert_source needs the initial certificate as a TLSConfig")
+        initial = tls
     context = build_context(tls) if isinstance(tls, TLSConfig) else tls
+
+    def make_server() -> Server:
+        if cert_source is None:
+            return Server(handler, context, **timeouts)
+        server = Server(handler, initial, cert_source=cert_source, **timeouts)
+        server.context = context  # the shared one, built before forking
+        return server
+
     if workers <= 1:
-        server = Server(handler, context, **timeouts)
+        server = make_server()
         _serve_in_process(server, _listener(host, port, reuse_port=False), ready)
         return
 
@@ -757,7 +822,7 @@ def run(
                         if other is not sock:
                             other.close()
                     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                    _serve_in_process(Server(handler, context, **timeouts), sock)
+                    _serve_in_process(make_server(), sock)
                 except BaseException:  # a worker must not return into run()'s caller
                     log.exception("kes: worker %d failed", i)
                     code = 1
