@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ def _ip(remote: str) -> str:
     return host if sep and port.isdigit() and ":" not in host else remote
 
 
+# The calls KES itself audits (and logs at INFO); bootkey audits every key call.
+_KES_AUDITED = frozenset({"/v1/key/create/", "/v1/key/import/", "/v1/key/delete/"})
+
+
 def _audit_message(route: Route, resource: str, status: int) -> str:
     """KES's texts for the events it audits; a generic one for the rest."""
     if status == 200 and route.path in ("/v1/key/create/", "/v1/key/import/"):
@@ -81,17 +86,26 @@ def _audit_message(route: Route, resource: str, status: int) -> str:
     return f"{route.path.rstrip('/')} {status}"
 
 
+_GO_ESCAPED = re.compile("[<>&\u2028\u2029]")
+
+
 def go_json(obj: Any) -> bytes:
     """JSON as Go's encoder writes it: compact, HTML-escaped, trailing newline."""
     s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        s = s.replace(ch, esc)
+    if _GO_ESCAPED.search(s):
+        s = _GO_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", s)
     return (s + "\n").encode()
 
 
 def ok_json(obj: Any) -> Response:
     return Response(200, go_json(obj))
+
+
+def ok_b64(*fields: tuple[str, bytes | bytearray]) -> Response:
+    """`{"a":"<b64>",…}\n` built directly: base64 needs no JSON escaping, and this is the
+    per-object path (generate/decrypt), where json.dumps is a measurable share."""
+    parts = [b'"' + k.encode() + b'":"' + base64.b64encode(v) + b'"' for k, v in fields]
+    return Response(200, b"{" + b",".join(parts) + b"}\n")
 
 
 def ok_empty() -> Response:
@@ -103,6 +117,8 @@ def error_response(e: KesError) -> Response:
 
 
 # ---- request body parsing (Go encoding/json semantics where they matter)
+
+_DECODER = json.JSONDecoder()
 
 
 def _body(req: Request, limit: int) -> dict[str, Any]:
@@ -117,7 +133,7 @@ def _body(req: Request, limit: int) -> dict[str, Any]:
     if not text:
         return {}
     try:
-        obj, _ = json.JSONDecoder().raw_decode(text)
+        obj, _ = _DECODER.raw_decode(text)
     except ValueError:
         raise errors.INVALID_BODY from None
     if obj is None:
@@ -171,8 +187,7 @@ class Api:
         self._started_mono = time.monotonic()
         self.routes = _apply_overrides(ROUTES, overrides or {})
         self._exact = {r.path: r for r in self.routes if not r.prefix}
-        self._prefixes = sorted((r for r in self.routes if r.prefix),
-                                key=lambda r: len(r.path), reverse=True)
+        self._prefix = {r.path: r for r in self.routes if r.prefix}
 
     def _count_audit(self) -> None:
         self.metrics.audit_events += 1
@@ -183,18 +198,26 @@ class Api:
     # ---- dispatch
 
     def route_for(self, path: str) -> tuple[Route, str, str] | None:
-        """(route, resource, path used for policy matching) or None."""
+        """(route, resource, path used for policy matching) or None.
+
+        Prefix routes are looked up at each `/` of the path, longest match wins (a
+        resource may itself contain `/`, which the name check then refuses)."""
         r = self._exact.get(path)
         if r is not None:
             return r, "", path
-        for r in self._prefixes:
-            if path.startswith(r.path):
-                return r, path[len(r.path):], path
-            if path + "/" == r.path:
-                # `/v1/key/list` (what the Go client sends for an empty prefix): KES
-                # redirects to `/v1/key/list/`; serving it directly as that path keeps
-                # policies like `/v1/key/list/*` working the same.
-                return r, "", r.path
+        found: Route | None = None
+        i = path.find("/", 1)
+        while i != -1:
+            found = self._prefix.get(path[:i + 1], found)
+            i = path.find("/", i + 1)
+        if found is not None:
+            return found, path[len(found.path):], path
+        r = self._prefix.get(path + "/")
+        if r is not None:
+            # `/v1/key/list` (what the Go client sends for an empty prefix): KES
+            # redirects to `/v1/key/list/`; serving it directly as that path keeps
+            # policies like `/v1/key/list/*` working the same.
+            return r, "", r.path
         return None
 
     async def __call__(self, req: Request) -> Response:
@@ -220,10 +243,12 @@ class Api:
         if route.metered:
             self.metrics.request_done(resp.status, elapsed)
         if route.audited:
-            self.audit.record(method=method, path=req.path, ip=_ip(req.remote),
-                              identity=req.identity or "", status=resp.status,
-                              millis=round(elapsed * 1000),
-                              message=_audit_message(route, resource, resp.status))
+            kes_audited = resp.status == 200 and route.path in _KES_AUDITED
+            if self.audit.wanted(kes_audited):
+                self.audit.record(method=method, path=req.path, ip=_ip(req.remote),
+                                  identity=req.identity or "", status=resp.status,
+                                  millis=round(elapsed * 1000), kes_audited=kes_audited,
+                                  message=_audit_message(route, resource, resp.status))
         return resp
 
     async def _serve(self, route: Route, req: Request, resource: str, auth_path: str) -> Response:
@@ -245,8 +270,7 @@ class Api:
         return await asyncio.to_thread(fn, *args)
 
     async def _key(self, name: str, req: Request) -> KeyVersion:
-        if not pol.valid_name(name):
-            raise errors.invalid_key_name(name)
+        """The key `name` (already checked by the handler with _check_key_name)."""
         hit = self.keyring.cached(name)
         if hit is not None:
             return hit  # the common case (MinIO's per-object calls): no thread hop
@@ -361,6 +385,7 @@ async def h_key_import(api: Api, req: Request, name: str) -> Response:
 
 
 async def h_key_describe(api: Api, req: Request, name: str) -> Response:
+    _check_key_name(name)
     kv = await api._key(name, req)
     out: dict[str, Any] = {"name": name, "algorithm": kv.type.wire_name,
                            "created_at": kv.created_at.rfc3339()}
@@ -405,7 +430,7 @@ async def h_key_generate(api: Api, req: Request, name: str) -> Response:
     dek = crypto.new_dek()
     try:
         ct = crypto.encrypt(kv.key.view, kv.type, dek, context)
-        return ok_json({"plaintext": _b64(dek), "ciphertext": _b64(ct)})
+        return ok_b64(("plaintext", dek), ("ciphertext", ct))
     except Exception:
         log.exception("%s %s: cannot generate data key", req.method, req.path)
         raise errors.GENERATE_KEY_FAILED from None
@@ -435,7 +460,7 @@ async def h_key_decrypt(api: Api, req: Request, name: str) -> Response:
     kv = await api._key(name, req)
     pt = _open(kv, ciphertext, context)
     try:
-        return ok_json({"plaintext": _b64(pt)})
+        return ok_b64(("plaintext", pt))
     finally:
         pt[:] = bytes(len(pt))
 
@@ -455,6 +480,7 @@ def _open(kv: KeyVersion, ciphertext: bytes, context: bytes) -> bytearray:
 
 async def h_key_bulk_decrypt(api: Api, req: Request, name: str) -> Response:
     """Legacy `/v1/key/bulk/decrypt/` (KES v0.19-2023): MinIO 2022-03..2023-08 used it."""
+    _check_key_name(name)
     if req.body_too_large or len(req.body) > MAX_BODY:
         raise errors.INVALID_BODY
     try:

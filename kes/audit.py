@@ -56,8 +56,7 @@ class LogHub:
 
     @property
     def subscribers(self) -> int:
-        with self._lock:
-            return len(self._subs)
+        return len(self._subs)  # a racy read is fine: a new subscriber sees later events
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Yield lines until the consumer stops iterating (client went away)."""
@@ -106,14 +105,25 @@ class Audit:
     def __init__(self, hub: LogHub) -> None:
         self.hub = hub
 
+    def wanted(self, kes_audited: bool) -> bool:
+        """Whether a record would reach anyone: lets the caller skip building it."""
+        level = logging.INFO if kes_audited else logging.DEBUG
+        return bool(self.hub.subscribers) or audit_log.isEnabledFor(level)
+
     def record(self, *, method: str, path: str, ip: str, identity: str, status: int,
-               millis: int, message: str = "") -> None:
-        when = dt.datetime.now(dt.UTC)
-        self.hub.publish(audit_event(when=when, ip=ip, path=path, identity=identity,
-                                     status=status, millis=millis))
-        audit_log.info(
-            'msg="%s" req.method=%s req.path=%s req.ip=%s req.identity=%s res.code=%d '
-            "res.time=%dms", message or "request", method, path, ip, identity, status, millis)
+               millis: int, message: str = "", kes_audited: bool = False) -> None:
+        """Every record goes to stream subscribers. The log gets at INFO what KES itself
+        audits (key create/import/delete) and the rest at DEBUG: a log line per data key
+        would flood journald and cost more than the request."""
+        if self.hub.subscribers:
+            self.hub.publish(audit_event(when=dt.datetime.now(dt.UTC), ip=ip, path=path,
+                                         identity=identity, status=status, millis=millis))
+        level = logging.INFO if kes_audited else logging.DEBUG
+        if audit_log.isEnabledFor(level):
+            audit_log.log(
+                level, 'msg="%s" req.method=%s req.path=%s req.ip=%s req.identity=%s '
+                "res.code=%d res.time=%dms", message or "request", method, path, ip,
+                identity, status, millis)
 
 
 class HubHandler(logging.Handler):

@@ -97,8 +97,10 @@ def encrypt(key: Buffer, key_type: KeyType, plaintext: Buffer, context: bytes = 
     """Seal `plaintext` with `context` as associated data → `sealed ‖ iv ‖ nonce`."""
     if len(memoryview(key)) != KEY_SIZE:
         raise ValueError("KES secret keys are 32 bytes")
-    iv = os.urandom(IV_SIZE) if iv is None else iv
-    nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+    if iv is None or nonce is None:
+        fresh = os.urandom(IV_SIZE + NONCE_SIZE)  # KES draws 28 bytes: iv ‖ nonce
+        iv = fresh[:IV_SIZE] if iv is None else iv
+        nonce = fresh[IV_SIZE:] if nonce is None else nonce
     if len(iv) != IV_SIZE or len(nonce) != NONCE_SIZE:
         raise ValueError("iv must be 16 bytes and nonce 12 bytes")
     sealed = _aead(key, key_type, iv).encrypt(nonce, bytes(plaintext), context or None)

@@ -140,6 +140,7 @@ class Keyring:
         self._inflight: dict[str, Future[KeyVersion]] = {}
         now = self.clock()
         self._last_any = self._last_unused = self._last_offline = now
+        self._next_due = now  # maintain() computes the real one
         self._offline = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -225,6 +226,8 @@ class Keyring:
         """Apply the expiry rules for the current clock. Cheap; called on every get and
         by the background thread."""
         now = self.clock()
+        if now < self._next_due and not self._offline:
+            return  # nothing can expire yet: skip the lock on the hot path
         e = self.expiry
         with self._lock:
             if self._offline and e.offline > 0:
@@ -244,6 +247,10 @@ class Keyring:
                 for ent in self._cache.values():
                     ent.used = False
                 self._last_unused = now
+            due = [self._last_any + e.any] if e.any > 0 else []
+            if e.unused > 0:
+                due.append(self._last_unused + e.unused / 2)
+            self._next_due = min(due, default=float("inf"))
 
     def probe(self) -> bool:
         """One offline-detection probe (KES: every 10 s). Returns True if reachable."""

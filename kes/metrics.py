@@ -7,13 +7,13 @@ rename counters to `*_total`, and kms-go's `Metrics()` looks up KES's names lite
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import Metric
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 3, 5, 10)
@@ -27,9 +27,10 @@ class Metrics:
         self.audit_events = 0
         self.error_events = 0
         self.started = time.monotonic()
-        self._hist_registry = CollectorRegistry(auto_describe=False)
-        self._hist = Histogram("kes_http_response_time", "Response time of KES API requests",
-                               buckets=BUCKETS, registry=self._hist_registry)
+        # Counted here, exported as a prometheus_client histogram family: observe() of
+        # prometheus_client's Histogram costs a few µs, a share of a ~20 µs request.
+        self._buckets = [0] * (len(BUCKETS) + 1)
+        self._sum = 0.0
 
     def request_started(self) -> None:
         with self._lock:
@@ -41,10 +42,13 @@ class Metrics:
 
     def request_done(self, status: int, seconds: float) -> None:
         kind = "success" if status < 300 else "error" if status < 500 else "failure"
+        i = bisect.bisect_left(BUCKETS, seconds)
         with self._lock:
             self.active -= 1
-            self._codes[kind][status] = self._codes[kind].get(status, 0) + 1
-        self._hist.observe(seconds)
+            codes = self._codes[kind]
+            codes[status] = codes.get(status, 0) + 1
+            self._buckets[i] += 1
+            self._sum += seconds
 
     def count(self, kind: str) -> int:
         with self._lock:
@@ -54,6 +58,7 @@ class Metrics:
         with self._lock:
             codes = {k: dict(v) for k, v in self._codes.items()}
             active, audit, errors = self.active, self.audit_events, self.error_events
+            buckets, total = list(self._buckets), self._sum
         help_ = {"success": "Number of successful requests (2xx)",
                  "error": "Number of requests that failed with a client error (4xx)",
                  "failure": "Number of requests that failed with a server error (5xx)"}
@@ -63,7 +68,12 @@ class Metrics:
                 m.add_sample(m.name, {"code": str(code)}, float(n))
             yield m
         yield _single("kes_http_request_active", "Number of active requests", "gauge", active)
-        yield from self._hist_registry.collect()
+        cumulative, acc = [], 0
+        for bound, n in zip((*map(str, BUCKETS), "+Inf"), buckets, strict=True):
+            acc += n
+            cumulative.append((bound, float(acc)))
+        yield HistogramMetricFamily("kes_http_response_time", "Response time of KES API "
+                                    "requests in seconds", buckets=cumulative, sum_value=total)
         yield _single("kes_log_error_events", "Number of error log events", "counter", errors)
         yield _single("kes_log_audit_events", "Number of audit log events", "counter", audit)
         yield _single("kes_system_up_time", "Uptime in seconds", "gauge",
