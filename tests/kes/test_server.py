@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import http.client
+import importlib.util
 import json
 import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,25 @@ def recorder() -> Recorder:
     return Recorder()
 
 
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+@pytest.fixture(params=LOOPS)
+def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.AbstractEventLoop]:
+    # The server uses uvloop when it is installed (optional), else asyncio's loop; both
+    # must work: asyncio's transports pause writing at once, uvloop's at the end of an
+    # iteration, which is what the throttling test catches.
+    if request.param == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
 @pytest.fixture
-def server(pki: Pki, recorder: Recorder) -> Iterator[ServerThread]:
-    with ServerThread(recorder, pki.tls()) as st:
+def server(pki: Pki, recorder: Recorder,
+           loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> Iterator[ServerThread]:
+    with ServerThread(recorder, pki.tls(), loop_factory=loop_factory) as st:
         yield st
 
 
@@ -407,7 +424,7 @@ def test_large_response_arrives_intact(pki: Pki, client_ctx: ssl.SSLContext) -> 
 
 
 def test_client_that_pipelines_without_reading_is_throttled(
-    pki: Pki, client_ctx: ssl.SSLContext
+    pki: Pki, client_ctx: ssl.SSLContext, loop_factory: Callable[[], asyncio.AbstractEventLoop]
 ) -> None:
     payload = b"z" * 256 * 1024
     calls: list[int] = []
@@ -417,7 +434,10 @@ def test_client_that_pipelines_without_reading_is_throttled(
         return Response(200, payload)
 
     total = 400  # 100 MiB of answers if the server kept going
-    with ServerThread(handler, pki.tls()) as st, connect(st.port, client_ctx) as s:
+    with (
+        ServerThread(handler, pki.tls(), loop_factory=loop_factory) as st,
+        connect(st.port, client_ctx) as s,
+    ):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         s.settimeout(None)
         s.setblocking(False)
