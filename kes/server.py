@@ -172,7 +172,7 @@ class _Connection(asyncio.Protocol):
             return
         tls = self._tls
         tls.bio_write(data)
-        if self._parser is None and not self._handshake():
+        if self._parser is None and (not self._handshake() or self._closed):
             return
         self._pump_in()
         if not self._busy:
