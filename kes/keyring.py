@@ -212,6 +212,11 @@ class Keyring:
             raise StoreUnreachable("key store is offline")
         return self.store.status()
 
+    def set_expiry(self, expiry: CacheExpiry) -> None:
+        with self._lock:
+            self.expiry = expiry
+            self._next_due = self.clock()  # re-plan at the next maintain()
+
     @property
     def offline(self) -> bool:
         return self._offline

@@ -80,6 +80,21 @@ class Service:
                     after_fork()
             self.keyring.start(self.probe_interval)
 
+    def reload(self, cfg: kconf.KesConfig) -> None:
+        """Apply a re-read config (SIGHUP): admin, policies, cache expiry, log levels.
+        Address, TLS and keystore changes need a restart; they are reported, not applied."""
+        ignored = [name for name, old, new in (
+            ("address", self.config.address, cfg.address),
+            ("tls", self.config.tls, cfg.tls),
+            ("keystore", self.config.keystore, cfg.keystore)) if old != new]
+        self.api.policies = cfg.policy_set()
+        e = cfg.cache.expiry
+        self.keyring.set_expiry(CacheExpiry(any=e.any, unused=e.unused, offline=e.offline))
+        _set_levels(cfg)
+        self.config = cfg
+        log.warning("kes: configuration reloaded%s", f"; restart to apply changes to "
+                    f"{', '.join(ignored)}" if ignored else "")
+
     def create_configured_keys(self) -> None:
         """KES `keys:` section: create each missing key at startup (KES master aacc4fd)."""
         for spec in self.config.keys:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bootkey.errors import ConfigError, UsageError
+from bootkey.errors import BootkeyError, ConfigError, UsageError
 
 if TYPE_CHECKING:
     from bootkey.config import Config as BootkeyConfig
@@ -210,6 +212,19 @@ def run_serve(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update=updates)
     svc = service.build(cfg, factory, vault_relogin=relogin)
     svc.harden_workers = True
+
+    def reload(_signum: int, _frame: object) -> None:
+        # KES re-reads its config on SIGHUP. Each process reloads itself: with --workers,
+        # signal the process group (`kill -HUP -- -PID`).
+        try:
+            new, _ = _load(args)
+            if updates:
+                new = new.model_copy(update=updates)
+            svc.reload(new)
+        except BootkeyError as e:
+            logging.getLogger("kes.error").error("kes: reload failed, keeping the running "
+                                                 "configuration: %s", e)
+    signal.signal(signal.SIGHUP, reload)
     svc.create_configured_keys()
     try:
         server.run(svc.handler, svc.tls, svc.host, svc.port, svc.workers,

@@ -169,3 +169,58 @@ keystore:
     assert main(["kes", "vault-policy", "--kes-config", str(tmp_path / "kes.yml")]) == 0
     out = capsys.readouterr().out
     assert 'path "secret/data/kes/*" {' in out and 'path "transit/decrypt/kes-wrap" {' in out
+
+
+def test_sighup_reloads_policies(tmp_path: Path) -> None:
+    bao = DevBao(tmp_path / "bao").start()
+    try:
+        pki = Pki.create(tmp_path)
+        (tmp_path / "server.crt").write_bytes(pki.server.cert_pem)
+        (tmp_path / "server.key").write_bytes(pki.server.key_pem)
+        client = make_leaf(None, "late", client=True)
+        ident = of_certificate(client.cert)
+        port = free_port()
+        conf = tmp_path / "kes.yml"
+
+        def write(identities: str) -> None:
+            conf.write_text(f"""
+address: 127.0.0.1:{port}
+admin: {{identity: disabled}}
+tls: {{key: {tmp_path}/server.key, cert: {tmp_path}/server.crt}}
+policy:
+  status:
+    allow: ["/v1/status"]
+    identities: [{identities}]
+keystore:
+  vault: {{endpoint: "{bao.address}", engine: secret, version: v2, token: root}}
+""")
+        write("")
+        proc = subprocess.Popen([sys.executable, "-m", "bootkey.cli", "kes", "serve",
+                                 "--kes-config", str(conf)], stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            line = "-"
+            while line and "listening on" not in line:
+                line = proc.stderr.readline()
+            assert line, "kes serve exited before listening"
+            ctx = pki.client_context(client, "late")
+
+            def status() -> int:
+                conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+                conn.request("GET", "/v1/status")
+                code = conn.getresponse().status
+                conn.close()
+                return code
+            assert status() == 403
+            write(f'"{ident}"')
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while status() != 200 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert status() == 200
+            assert proc.poll() is None  # SIGHUP reloads, it does not stop the server
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+    finally:
+        bao.stop()
