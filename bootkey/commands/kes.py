@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from bootkey.errors import BootkeyError, ConfigError, UsageError
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from bootkey.config import Config as BootkeyConfig
     from kes.config import KesConfig
 
@@ -90,8 +92,18 @@ def run_identity_of(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"{args.cert}: not a PEM certificate — pass the client "
                          "certificate file") from None
-    print(of_certificate(certs[0]))
+    # Like KES: CA certificates in a presented chain are not identities.
+    leaves = [c for c in certs if not _is_ca(c)] or certs
+    print(of_certificate(leaves[0]))
     return 0
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    from cryptography import x509
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:

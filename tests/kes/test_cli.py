@@ -224,3 +224,12 @@ keystore:
             assert proc.wait(20) == 0
     finally:
         bao.stop()
+
+
+def test_identity_of_chain_skips_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support.certs import make_ca
+    ca = make_ca("ca")
+    leaf = make_leaf(ca, "leaf", client=True)
+    (tmp_path / "chain.pem").write_bytes(ca.cert_pem + leaf.cert_pem)
+    assert main(["kes", "identity", "of", str(tmp_path / "chain.pem")]) == 0
+    assert capsys.readouterr().out.strip() == of_certificate(leaf.cert)
