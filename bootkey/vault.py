@@ -73,7 +73,7 @@ def _classify(e: Exception, what: str, path: str) -> VaultError:
         kind = "timed out" if isinstance(e, requests.Timeout) else "unreachable"
         return VaultUnavailable(f"Vault {kind} while trying to {what} ({path})")
     if isinstance(e, hx.VaultDown):
-        return VaultUnavailable(f"Vault is sealed or down; cannot {what} ({path})")
+        return VaultUnavailable(f"Vault is sealed or not initialised (503); cannot {what} ({path})")
     if isinstance(e, hx.VaultNotInitialized):
         return VaultUnavailable(f"Vault is not initialised; cannot {what} ({path})")
     if isinstance(e, hx.RateLimitExceeded):

@@ -205,3 +205,50 @@ def test_hotplugged_volume_is_unlocked(vault_env2: VaultEnv, tmp_path: Path,
             subprocess.run(["losetup", "-d", loop], check=False)
     assert rc == 0, err
     assert f"hotplug: {loop} appeared, unlocking hot" in err
+
+
+def test_vault_uninitialised_then_initialised(tmp_path: Path, notify: NotifyListener) -> None:
+    """A brand-new Vault (501 uninitialised) is waited out like a sealed one. The agent
+    reaches it through a proxy that is closed while the operator initialises it, so it
+    never sees the half-provisioned state (which would rightly be a fatal 400)."""
+    bao = TlsBao(tmp_path / "bao").start()
+    port = free_port()
+    proxy = LateProxy(port, ("127.0.0.1", bao.port))
+    proxy.start()
+    host_id = os.urandom(16).hex()
+    role_id, secret_id = "bootkey-" + os.urandom(8).hex(), os.urandom(16).hex()
+    sid = tmp_path / "secret-id"
+    sid.write_text(secret_id)
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    cfg_file = tmp_path / "bootkey.toml"
+    cfg_file.write_text(
+        f'host_id = "{host_id}"\n[vault]\naddress = ["https://127.0.0.1:{port}"]\n'
+        f'ca_file = "{bao.ca_file}"\ntimeout = "2s"\n[vault.approle]\n'
+        f'role_id = "{role_id}"\nsecret_id_file = "{sid}"\n'
+        f'[unlock]\ndeadline = "60s"\nretry_initial = "50ms"\nretry_max = "300ms"\n'
+        f'search = ["{vols}/*.img"]\n')
+    proc = start_agent(cfg_file, notify)
+    try:
+        notify.wait_for(lambda m: m.startswith("STATUS=waiting for Vault: attempt 2"))
+        proxy.stop()
+        bao.initialize()
+        bao.unseal()
+        env = provision(bao.client(), tmp_path / "env", host_id=host_id, ca_file=bao.ca_file)
+        enroll_direct(env.config(), env.enroll_token, make_image(vols / "data.img"),
+                      name="data")
+        role = f"bootkey-boot-{host_id}"
+        c = bao.client()
+        c.write_data(f"auth/approle/role/{role}/role-id", data={"role_id": role_id})
+        c.write_data(f"auth/approle/role/{role}/custom-secret-id",
+                     data={"secret_id": secret_id})
+        proxy = LateProxy(port, ("127.0.0.1", bao.port))
+        proxy.start()
+        notify.wait_for(lambda m: m == "READY=1")
+        assert "STATUS=1/1 volumes verified" in notify.messages
+    finally:
+        rc, err = stop(proc)
+        proxy.stop()
+        bao.stop()
+    assert rc == 0, err
+    assert "waiting for Vault: attempt 1 failed (Vault is sealed or not initialised" in err

@@ -14,6 +14,7 @@ class LateProxy:
         self.target = target
         self._srv: socket.socket | None = None
         self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
 
     def start(self) -> None:
         srv = socket.socket()
@@ -34,6 +35,7 @@ class LateProxy:
             except OSError:
                 return
             u = socket.create_connection(self.target)
+            self._conns += [c, u]
             for a, b in ((c, u), (u, c)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -50,6 +52,10 @@ class LateProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
+        """Stop listening and cut every forwarded connection (keep-alive ones too)."""
         self._stop.set()
         if self._srv:
             self._srv.close()
+        for s in self._conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
