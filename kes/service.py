@@ -118,12 +118,14 @@ class Service:
 def build(section: dict[str, Any] | kconf.KesConfig,
           vault_client_factory: VaultClientFactory | None = None, *,
           vault_relogin: Callable[[], None] | None = None,
-          store: KeyStore | None = None, source: str = "bootkey.toml [kes]") -> Service:
+          store: KeyStore | None = None, tls: TLSConfig | None = None,
+          source: str = "bootkey.toml [kes]") -> Service:
     """KES config (a `[kes]` dict or a parsed KesConfig) → Service. Raises ConfigError.
 
     Vault: `keystore.vault.endpoint` set → bootkey logs in itself (approle or token from
     the section); empty → `vault_client_factory` (the agent's session) is used. `store`
-    replaces the keystore entirely (tests). `vault_relogin` is called once when Vault
+    replaces the keystore entirely (tests, `--dev`), `tls` the `tls` section (`--dev`:
+    a certificate generated in memory). `vault_relogin` is called once when Vault
     answers 403 through the agent's client (an expired token), then the call is retried.
     """
     cfg = section if isinstance(section, kconf.KesConfig) else kconf.from_section(section, source)
@@ -140,7 +142,7 @@ def build(section: dict[str, Any] | kconf.KesConfig,
     _set_levels(cfg)
     host, port = cfg.host_port()
     ping = cfg.keystore.vault.status.ping if cfg.keystore.vault else 10.0
-    return Service(api=api, keyring=keyring, tls=_tls(cfg), host=host, port=port,
+    return Service(api=api, keyring=keyring, tls=tls or _tls(cfg), host=host, port=port,
                    workers=cfg.workers, config=cfg, probe_interval=ping or 10.0,
                    _log_handler=hub_handler)
 

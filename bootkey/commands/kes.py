@@ -19,6 +19,7 @@ from bootkey.errors import BootkeyError, ConfigError, UsageError
 
 if TYPE_CHECKING:
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from bootkey.config import Config as BootkeyConfig
     from kes.config import KesConfig
@@ -76,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                      help="bootkey.toml whose [kes] section to serve (default: bootkey's)")
     src.add_argument("--kes-config", type=Path, metavar="FILE",
                      help="a KES server config file (YAML) instead of bootkey.toml's [kes]")
+    src.add_argument("--dev", action="store_true",
+                     help="development server (like `kes server --dev`): keys in memory only, "
+                          "a generated server certificate and admin API key, no Vault")
     serve.add_argument("--addr", help="listen address host:port (overrides the config)")
     serve.add_argument("--workers", type=int, help="worker processes (overrides the config)")
     serve.set_defaults(run=run_serve)
@@ -119,34 +123,14 @@ def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
 
 
 def run_identity_new(args: argparse.Namespace) -> int:
-    from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    from kes.identity import of_certificate
-    try:
-        ips = [ipaddress.ip_address(i) for i in args.ip]
-    except ValueError as e:
-        raise UsageError(f"--ip: {e}") from None
-    key = Ed25519PrivateKey.generate()
-    now = dt.datetime.now(dt.UTC)
     from kes.apikey import APIKey
-    ident = APIKey(key).identity
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.name or ident)])
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5))
-         .not_valid_after(now + dt.timedelta(days=args.days))
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH,
-                                               ExtendedKeyUsageOID.SERVER_AUTH]),
-                        critical=False))
-    sans: list[x509.GeneralName] = [x509.IPAddress(i) for i in ips]
-    sans += [x509.DNSName(d) for d in args.dns]
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = b.sign(key, None)
+    from kes.identity import of_certificate
+    key = Ed25519PrivateKey.generate()
+    cert = _self_signed(key, args.name or APIKey(key).identity, args.ip, args.dns, args.days,
+                        client=True)
     _write_new(args.key, key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()), 0o600, args.force)
@@ -204,6 +188,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     factory = None
     relogin = None
+    if args.dev:
+        return _serve_dev(args)
     cfg, bcfg = _load(args)
     if bcfg is not None and (cfg.keystore.vault is None or not cfg.keystore.vault.endpoint):
         from bootkey.vault import VaultSession
@@ -247,3 +233,68 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         svc.close()
     return 0
+
+
+def _serve_dev(args: argparse.Namespace) -> int:
+    """KES's --dev: an in-memory keystore, a fresh admin API key, a self-signed server
+    certificate for 127.0.0.1/localhost. Nothing is written to disk; keys die with it."""
+    from cryptography.hazmat.primitives import serialization
+
+    from kes import config as kconf
+    from kes import server, service
+    from kes.apikey import APIKey
+    from kes.keyring import MemKeyStore
+    from kes.tls import TLSConfig
+
+    admin = APIKey.generate()
+    server_key = APIKey.generate()  # an Ed25519 key pair is all a dev certificate needs
+    cert = _self_signed(server_key.private_key, "localhost", ["127.0.0.1"], ["localhost"], 365,
+                        client=False)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    cfg = kconf.from_section({"enabled": True, "admin": {"identity": admin.identity},
+                              "address": args.addr or "127.0.0.1:7373"}, "--dev")
+    tls = TLSConfig(cert_pem=cert_pem, key_pem=server_key.private_key_pem())
+    svc = service.build(cfg, store=MemKeyStore(), tls=tls)
+    print("kes: development mode: keys live in memory only and are lost on exit",
+          file=sys.stderr)
+    print(f"  admin API key:  {admin}\n  admin identity: {admin.identity}", file=sys.stderr)
+    print("  server certificate (give it to clients, e.g. MINIO_KMS_KES_CAPATH):",
+          file=sys.stderr)
+    print(cert_pem.decode(), file=sys.stderr, flush=True)
+    try:
+        server.run(svc.handler, svc.tls, svc.host, svc.port, 1,
+                   ready=lambda port: print(f"kes: listening on {svc.host}:{port}",
+                                            file=sys.stderr, flush=True))
+    except OSError as e:
+        raise ConfigError(f"kes: cannot listen on {svc.host}:{svc.port}: {e.strerror}") from None
+    finally:
+        svc.close()
+    return 0
+
+
+def _self_signed(pk: Ed25519PrivateKey, cn: str, ips: list[str], dns: list[str], days: int,
+                 *, client: bool) -> x509.Certificate:
+    """A self-signed Ed25519 certificate with SANs, valid from 5 minutes ago."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    try:
+        addrs = [ipaddress.ip_address(i) for i in ips]
+    except ValueError as e:
+        raise UsageError(f"--ip: {e}") from None
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    usage = [ExtendedKeyUsageOID.SERVER_AUTH]
+    if client:
+        usage.insert(0, ExtendedKeyUsageOID.CLIENT_AUTH)
+    b = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+         .public_key(pk.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(minutes=5))
+         .not_valid_after(now + dt.timedelta(days=days))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.ExtendedKeyUsage(usage), critical=False))
+    sans: list[x509.GeneralName] = [x509.IPAddress(a) for a in addrs]
+    sans += [x509.DNSName(d) for d in dns]
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return b.sign(pk, None)

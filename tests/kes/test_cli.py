@@ -233,3 +233,40 @@ def test_identity_of_chain_skips_ca(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "chain.pem").write_bytes(ca.cert_pem + leaf.cert_pem)
     assert main(["kes", "identity", "of", str(tmp_path / "chain.pem")]) == 0
     assert capsys.readouterr().out.strip() == of_certificate(leaf.cert)
+
+
+def test_serve_dev(tmp_path: Path) -> None:
+    import ssl
+
+    from cryptography.hazmat.primitives import serialization
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bootkey.cli", "kes", "serve", "--dev",
+                             "--addr", f"127.0.0.1:{port}"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        out = ""
+        line = "-"
+        while line and "listening on" not in line:
+            line = proc.stderr.readline()
+            out += line
+        assert line, out
+        admin = APIKey.parse(out.split("admin API key:", 1)[1].split()[0])
+        pem = out[out.index("-----BEGIN CERTIFICATE-----"):out.index("-----END CERTIFICATE-----")
+                  + len("-----END CERTIFICATE-----")]
+        (tmp_path / "a.crt").write_bytes(admin.certificate().public_bytes(
+            serialization.Encoding.PEM))
+        (tmp_path / "a.key").write_bytes(admin.private_key_pem())
+        ctx = ssl.create_default_context(cadata=pem)
+        ctx.load_cert_chain(str(tmp_path / "a.crt"), str(tmp_path / "a.key"))
+        for method, path, want in (("POST", "/v1/key/create/k", 200),
+                                   ("POST", "/v1/key/generate/k", 200),
+                                   ("GET", "/v1/key/list/", 200)):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+            conn.request(method, path, body=b"{}" if method == "POST" else None)
+            r = conn.getresponse()
+            assert r.status == want, (path, r.read())
+            r.read()
+            conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
