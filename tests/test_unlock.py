@@ -118,3 +118,21 @@ def test_bad_config_one_line_per_problem(tmp_path: Path, bad: str) -> None:
     assert res.returncode == 78
     assert str(cfg_file) in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_open_without_device_mapper_is_a_clear_error(vault_env2: VaultEnv,
+                                                      tmp_path: Path) -> None:
+    """This machine has no device-mapper (the VM tests open volumes for real); opening
+    must say so and point at --check, not dump cryptsetup's noise."""
+    if Path("/sys/module/dm_mod").exists():
+        pytest.skip("device-mapper is available here: opening is covered by tests/vm")
+    cfg = vault_env2.config()
+    dev = make_image(tmp_path / "d.img")
+    enroll_direct(cfg, vault_env2.enroll_token, dev, name="d")
+    before = header_digest(dev)
+    cfg_file = tmp_path / "bootkey.toml"
+    cfg_file.write_text(vault_env2.toml(f'[[volume]]\nname = "d"\ndevice = "{dev}"\n'))
+    res = run_bootkey(cfg_file, "unlock", "d")
+    assert res.returncode == 84, res.stderr
+    assert "device-mapper is not available" in res.stderr and "--check" in res.stderr
+    assert header_digest(dev) == before
