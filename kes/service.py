@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import hvac
+import requests
 from cryptography.hazmat.primitives import serialization
 
 from bootkey import secret
-from bootkey.errors import ConfigError
+from bootkey.errors import ConfigError, VaultAuthFailed, VaultUnavailable
 from kes import config as kconf
 from kes.api import Api
 from kes.audit import HubHandler
@@ -245,11 +246,15 @@ class _VaultLogin:
             try:
                 self.client.auth.approle.login(role_id=v.approle.id, secret_id=v.approle.secret,
                                                mount_point=v.approle.engine or "approle")
+            except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError,
+                    hvac.exceptions.BadGateway) as e:
+                raise VaultUnavailable(f"kes: vault {v.endpoint}: cannot log in: "
+                                       f"{type(e).__name__} — retry when Vault is up") from None
             except hvac.exceptions.VaultError as e:
-                raise ConfigError(f"kes: vault {v.endpoint}: AppRole login refused "
-                                  f"({type(e).__name__}) — check approle id/secret") from None
-            except Exception as e:
-                raise ConfigError(f"kes: vault {v.endpoint}: cannot log in: "
-                                  f"{type(e).__name__}") from None
+                raise VaultAuthFailed(f"kes: vault {v.endpoint}: AppRole login refused "
+                                      f"({type(e).__name__}) — check approle id/secret") from None
+            except requests.RequestException as e:
+                raise VaultUnavailable(f"kes: vault {v.endpoint}: cannot log in: "
+                                       f"{type(e).__name__} — retry when Vault is up") from None
             finally:
                 self.client.adapter.namespace = saved

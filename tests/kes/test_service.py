@@ -125,3 +125,30 @@ def test_forked_worker_hardens_itself_before_its_first_request(tmp_path: Path) -
     _, status = os.waitpid(pid, 0)
     assert status == 0 and locked > 0
     svc.close()
+
+
+def test_standalone_vault_login_errors_are_classified(tmp_path: Path) -> None:
+    from bootkey.errors import VaultAuthFailed, VaultUnavailable
+    from tests.support.bao import DevBao, free_port
+    pki = Pki.create(tmp_path)
+    sec = _section(pki, tmp_path, keystore={"vault": {
+        "endpoint": f"http://127.0.0.1:{free_port()}", "approle": {"id": "r", "secret": "s"}}})
+    with pytest.raises(VaultUnavailable):       # retryable: exit 69, systemd restarts
+        service.build(sec)
+    bao = DevBao(tmp_path / "bao").start()
+    try:
+        root = bao.client()
+        if "approle/" not in root.sys.list_auth_methods()["data"]:
+            root.sys.enable_auth_method("approle")
+        sec["keystore"]["vault"]["endpoint"] = bao.address
+        with pytest.raises(VaultAuthFailed):    # wrong credentials: exit 80, no restart loop
+            service.build(sec)
+        root.auth.approle.create_or_update_approle("kes", token_policies=["default"])
+        role = root.auth.approle.read_role_id("kes")["data"]["role_id"]
+        secret_id = root.auth.approle.generate_secret_id("kes")["data"]["secret_id"]
+        sec["keystore"]["vault"]["approle"] = {"id": role, "secret": secret_id}
+        svc = service.build(sec)
+        assert svc.keyring.status() >= 0
+        svc.close()
+    finally:
+        bao.stop()
