@@ -20,7 +20,7 @@ def test_durations(text: object, seconds: float) -> None:
 
 @pytest.mark.parametrize("bad", ["soon", "5 minutes", "-3s", -1, True, ""])
 def test_bad_durations(bad: object) -> None:
-    with pytest.raises(ValueError, match="duration|negative"):
+    with pytest.raises(ValueError, match=r"duration|negative"):
         config.parse_duration(bad)
 
 
