@@ -84,6 +84,7 @@ class RequestParser:
 
     def _reset(self) -> None:
         self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
         self._body: list[bytes] = []
@@ -122,27 +123,33 @@ class RequestParser:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
+        self._header_bytes += len(url)
+        if self._header_bytes > self._max_header_bytes:
+            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value))
-        # Header bytes are latin-1 per RFC 9110 §5.5; lower-cased names as kes/http.py promises.
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        old = self._headers.get(key)
-        self._headers[key] = text if old is None else f"{old}, {text}"
-
-    def _count_head(self, n: int) -> None:
-        self._header_bytes += n
+        # The hot path of every request: collect raw pairs, decode them once at the end.
+        self._raw_headers.append((name, value))
+        self._header_bytes += len(name) + len(value)
         if self._header_bytes > self._max_header_bytes:
             raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         self._received_ns = self._clock()
+        # Header bytes are latin-1 per RFC 9110 §5.5; lower-cased names as kes/http.py promises.
+        raw = self._raw_headers
+        headers = self._headers = {n.decode("latin-1").lower(): v.decode("latin-1")
+                                   for n, v in raw}
+        if len(headers) != len(raw):  # a repeated name: join the values, as Go's Header.Get sees
+            headers.clear()
+            for n, v in raw:
+                key, text = n.decode("latin-1").lower(), v.decode("latin-1")
+                old = headers.get(key)
+                headers[key] = text if old is None else f"{old}, {text}"
         self._keep_alive = self._parser.should_keep_alive()
         self._http10 = self._parser.get_http_version() == "1.0"
         self.state = State.BODY
-        if not self._http10 and self._headers.get("expect", "").lower() == "100-continue":
+        if not self._http10 and headers.get("expect", "").lower() == "100-continue":
             self._events.append(Continue())
 
     def on_body(self, body: bytes) -> None:

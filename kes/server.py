@@ -59,7 +59,11 @@ RENEW_MIN_INTERVAL = 1.0  # never renew in a tight loop, whatever lifetime the i
 # client pipelining without reading responses cannot make us queue without bound.
 MAX_PIPELINED = 32
 _BATCH_BYTES = 256 * 1024  # output per _serve_pending round before yielding to the loop
-_READ_SIZE = 256 * 1024  # per SSL_read / BIO_read call; a TLS record is at most 16 KiB
+# pyOpenSSL allocates a buffer of the requested size on every recv/bio_read call, so ask
+# for no more than one call can return: SSL_read yields at most one record (16 KiB of
+# plaintext); a BIO read loops when 64 KiB of ciphertext were not all there was.
+_RECV_SIZE = 16 * 1024
+_BIO_READ_SIZE = 64 * 1024
 _INTERNAL_ERROR = b'{"message":"internal server error"}\n'
 
 
@@ -236,7 +240,7 @@ class _Connection(asyncio.Protocol):
         assert parser is not None  # noqa: S101 - only called after the handshake
         while len(pending) < MAX_PIPELINED:
             try:
-                plain = tls.recv(_READ_SIZE)
+                plain = tls.recv(_RECV_SIZE)
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:  # close_notify
@@ -266,12 +270,12 @@ class _Connection(asyncio.Protocol):
         tls, transport = self._tls, self._transport
         while True:
             try:
-                out = tls.bio_read(_READ_SIZE)
+                out = tls.bio_read(_BIO_READ_SIZE)
             except SSL.WantReadError:
                 return
             if transport is not None and not transport.is_closing():
                 transport.write(out)
-            if len(out) < _READ_SIZE:
+            if len(out) < _BIO_READ_SIZE:
                 return  # a memory BIO hands out everything it has
 
     def _send(self, data: bytes) -> None:
