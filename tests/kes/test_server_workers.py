@@ -61,25 +61,44 @@ def pki(tmp_path: Path) -> Pki:
     return Pki.create(tmp_path)
 
 
-@pytest.fixture
-def workers(pki: Pki, tmp_path: Path) -> Iterator[Running]:
+def _start(pki: Pki, tmp_path: Path, workers: int) -> Running:
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
     cert.write_bytes(pki.server.cert_pem)
     key.write_bytes(pki.server.key_pem)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, str(cert), str(key), "2"],
+        [sys.executable, "-c", SCRIPT, str(cert), str(key), str(workers)],
         stdout=subprocess.PIPE, text=True, env=env,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.strip().isdigit(), line
+    return Running(proc, int(line))
+
+
+@pytest.fixture
+def workers(pki: Pki, tmp_path: Path) -> Iterator[Running]:
+    running = _start(pki, tmp_path, 2)
     try:
-        yield Running(proc, int(line))
+        yield running
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        if running.proc.poll() is None:
+            running.proc.kill()
+            running.proc.wait(10)
+
+
+def test_single_process_serves_and_stops_on_sigterm(pki: Pki, tmp_path: Path) -> None:
+    running = _start(pki, tmp_path, 1)
+    try:
+        ctx = pki.client_context(make_leaf(None, "minio", kind="ec", client=True))
+        pid, _, _ = _pid_of_answer(running.port, ctx)
+        assert pid == running.proc.pid  # no fork with one worker
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.proc.wait(15) == 0
+    finally:
+        if running.proc.poll() is None:
+            running.proc.kill()
+            running.proc.wait(10)
 
 
 def _pid_of_answer(port: int, ctx: ssl.SSLContext,
