@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bootkey import enroll
 from tests.enroll.conftest import Env
-from tests.support.luksimg import header_digest, make_image
+from tests.support.luksimg import header_digest
 
 
 def file_digest(path: str) -> str:
@@ -34,7 +34,11 @@ def no_entries(env: Env) -> bool:
 
 def test_luks1_volume(env2: Env) -> None:
     env = env2
-    dev = make_image(env.tmp / "old.img", luks_type="luks1")
+    dev = str(env.tmp / "old.img")
+    subprocess.run(["truncate", "-s", "20M", dev], check=True)
+    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks1", "--pbkdf",
+                    "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file=-", dev],
+                   input=env.passfile().read_bytes(), check=True)
     before = file_digest(dev)
     res = env.bootkey("enroll", dev, "--unlock-key-file", str(env.passfile()))
     assert_refused(env, res, 82, "LUKS1", "cryptsetup convert --type luks2")

@@ -59,6 +59,14 @@ def in_child(env: Env, op: Op, *, kill_after: tuple[str, int] | None = None,
                 return status
         os.killpg(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
+    # A grandchild caught between fork and exec still holds the device lock until it is
+    # gone too (a power cut has no such straggler): wait for the whole group to vanish.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
     return status
 
 
