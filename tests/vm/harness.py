@@ -50,8 +50,9 @@ INITRAMFS_MODULES = ("virtio_pci", "virtio_blk")
 MACHINE_ID = "b007c0deb007c0deb007c0deb007c0de"
 VAULT_GUEST_URL = "http://10.0.2.100:8200"
 IMAGE_SIZE = "2G"
-KEEP_IMAGES = 4          # old images are pruned beyond this many
-BOOT_TIMEOUT = 180.0     # a boot to poweroff is ~15 s under TCG; emulation varies a lot
+KEEP_IMAGES = 8          # old images (~0.5 GB each) are pruned beyond this many
+KEEP_INSTALLED = 3       # and old installed layers (~0.45 GB each)
+BOOT_TIMEOUT = 360.0     # boot to poweroff: 15-60 s under TCG on 2 shared cores
 # Bump when the image recipe changes in a way the hashed inputs do not show.
 RECIPE = "3"
 
@@ -271,13 +272,41 @@ def _harness_files() -> dict[str, tuple[bytes, int]]:
     }
 
 
-def image(spec: ImageSpec) -> Path:
-    """The raw root image for `spec` (built, or taken from the cache)."""
+def installed_rootfs(deb: Path | None) -> Path:
+    """base + the kernel's modules + `dpkg -i` of the .deb, cached by the .deb's hash (the
+    images of all scenarios share it; only their files differ)."""
     k = kernel()
     base = base_rootfs()
+    key = _sha(RECIPE, base.parent.name, k.version, _file_sha(deb) if deb else "no-deb")
+    dest = cache_dir() / f"installed-{key}"
+    with _locked("installed"):
+        if (dest / "done").exists():
+            (dest / "done").touch()
+            return dest / "rootfs"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+        root = dest / "rootfs"
+        _run(["cp", "-a", "--reflink=auto", str(base), str(root)], timeout=300)
+        shutil.copytree(k.modules, root / "lib/modules" / k.version, symlinks=True)
+        _run(["chroot", str(root), "depmod", k.version], timeout=300)
+        if deb:
+            shutil.copy2(deb, root / "tmp/bootkey.deb")
+            _run(["chroot", str(root), "dpkg", "-i", "/tmp/bootkey.deb"], timeout=600,
+                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+            (root / "tmp/bootkey.deb").unlink()
+        (dest / "done").touch()
+        layers = sorted(cache_dir().glob("installed-*/done"), key=lambda p: p.stat().st_mtime,
+                        reverse=True)
+        for old in layers[KEEP_INSTALLED:]:
+            shutil.rmtree(old.parent, ignore_errors=True)
+    return root
+
+
+def image(spec: ImageSpec) -> Path:
+    """The raw root image for `spec` (built, or taken from the cache)."""
+    installed = installed_rootfs(spec.deb)
     files = {**_harness_files(), **spec.files}
-    parts: list[bytes | str] = [RECIPE, base.parent.name, k.version]
-    parts.append(_file_sha(spec.deb) if spec.deb else "no-deb")
+    parts: list[bytes | str] = [RECIPE, installed.parent.name]
     for path in sorted(files):
         content, mode = files[path]
         parts += [path, content, str(mode)]
@@ -294,14 +323,7 @@ def image(spec: ImageSpec) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
         root = stage / "rootfs"
         stage.mkdir()
-        _run(["cp", "-a", "--reflink=auto", str(base), str(root)], timeout=300)
-        shutil.copytree(k.modules, root / "lib/modules" / k.version, symlinks=True)
-        _run(["chroot", str(root), "depmod", k.version], timeout=300)
-        if spec.deb:
-            shutil.copy2(spec.deb, root / "tmp/bootkey.deb")
-            _run(["chroot", str(root), "dpkg", "-i", "/tmp/bootkey.deb"], timeout=600,
-                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
-            (root / "tmp/bootkey.deb").unlink()
+        _run(["cp", "-a", "--reflink=auto", str(installed), str(root)], timeout=300)
         for path, (content, mode) in files.items():
             dst = root / path.lstrip("/")
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -313,8 +335,7 @@ def image(spec: ImageSpec) -> Path:
         enable = ["systemd-networkd.service", "vmtest-setup.service", "vmtest.service",
                   *spec.enable]
         _run(["systemctl", f"--root={root}", "enable", *enable], timeout=60)
-        mask = ["getty@tty1.service", "serial-getty@ttyS0.service",
-                "systemd-networkd-wait-online.service", *spec.mask]
+        mask = ["getty@tty1.service", "serial-getty@ttyS0.service", *spec.mask]
         _run(["systemctl", f"--root={root}", "mask", *mask], timeout=60)
         raw = stage / "root.img"
         _run(["truncate", "-s", IMAGE_SIZE, str(raw)], timeout=30)
@@ -598,6 +619,10 @@ class VM:
         seconds = time.monotonic() - self._started
         self._release()
         files = read_tar_disk(self.out_disk)
+        keep = self.workdir / "results"  # for a look after the test
+        keep.mkdir(exist_ok=True)
+        for name, content in files.items():
+            (keep / Path(name).name).write_bytes(content)
         rc = int(files["rc"]) if "rc" in files else None
         return Result(rc, files, self.console, seconds)
 
@@ -632,7 +657,8 @@ def journal_monotonic(journal: str, pattern: str) -> float | None:
 FAST_PBKDF = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")  # as bootkey enrolls
 
 
-def luks_disk(path: Path, key: bytes, files: Mapping[str, bytes], size_mb: int = 64) -> Path:
+def luks_disk(path: Path, key: bytes, files: Mapping[str, bytes], size_mb: int = 64,
+              uuid: str | None = None) -> Path:
     """A LUKS2 image (key on stdin) holding an ext4 filesystem with `files`, built without
     device-mapper: mkfs.ext4 -d, then cryptsetup's offline in-place encryption."""
     payload = path.with_name(path.name + ".payload")
@@ -649,7 +675,7 @@ def luks_disk(path: Path, key: bytes, files: Mapping[str, bytes], size_mb: int =
     proc = subprocess.run(
         ["cryptsetup", "reencrypt", "--encrypt", "--batch-mode", "--type", "luks2",
          "--reduce-device-size", "16M", "--force-offline-reencrypt", *FAST_PBKDF,
-         "--key-file=-", str(path)],
+         *(("--uuid", uuid) if uuid else ()), "--key-file=-", str(path)],
         input=key, capture_output=True, timeout=120, check=False,
     )
     if proc.returncode != 0:
