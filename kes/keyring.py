@@ -126,8 +126,8 @@ class CacheExpiry:
 
 @dataclass
 class Keyring:
-    """The cache in front of a KeyStore. Thread-safe; every method blocks on I/O, so the
-    async API calls it from worker threads."""
+    """The cache in front of a KeyStore. Thread-safe. Every method but `cached` may block
+    on the store, so the async API calls them from worker threads; `cached` never does."""
 
     store: KeyStore
     expiry: CacheExpiry = field(default_factory=CacheExpiry)
