@@ -3,9 +3,11 @@
 `build(section, vault_client_factory)` is shared by `bootkey kes serve` (standalone, KES
 YAML or bootkey.toml) and the agent (embedded, reusing its Vault session):
 
-    svc = kes.service.build(cfg.kes, vault_client_factory=session.raw_client)
-    with ServerThread(svc.handler, svc.tls, svc.host, svc.port):
-        ...
+    svc = kes.service.build(cfg.kes, session.raw_client,
+                            vault_relogin=session.renew_or_relogin)
+    svc.create_configured_keys()
+    with svc.thread():
+        ...                                  # serving on svc.host:svc.port
     svc.close()
 
 Invariant: nothing here writes key material anywhere; the server's TLS private key is read
@@ -34,6 +36,7 @@ from kes.audit import HubHandler
 from kes.http import Request, Response
 from kes.keyring import CacheExpiry, KeyExists, Keyring, KeyStore
 from kes.keyversion import KeyVersion
+from kes.server import ServerThread
 from kes.tls import TLSConfig
 from kes.vaultstore import VaultKeyStore, VaultStoreConfig
 
@@ -80,6 +83,11 @@ class Service:
                 if after_fork is not None:
                     after_fork()
             self.keyring.start(self.probe_interval)
+
+    def thread(self) -> ServerThread:
+        """The server on its own event loop in a thread (the agent's way to run it):
+        `with svc.thread() as st: …` — listening on `st.port` inside the block."""
+        return ServerThread(self.handler, self.tls, self.host, self.port)
 
     def reload(self, cfg: kconf.KesConfig) -> None:
         """Apply a re-read config (SIGHUP): admin, policies, cache expiry, log levels.

@@ -50,9 +50,10 @@ def test_encrypted_server_key_and_api_override(tmp_path: Path) -> None:
     sec = _section(pki, tmp_path, api={"/v1/status": {"skip_auth": True}})
     (tmp_path / "s.key").write_bytes(enc)
     sec["tls"]["password"] = "pw"
+    sec["address"] = "127.0.0.1:0"
     svc = service.build(sec, store=MemKeyStore())
     stranger = pki.client_context(make_leaf(None, "stranger", client=True), "stranger")
-    with ServerThread(svc.handler, svc.tls) as st:
+    with svc.thread() as st:
         assert _get(st.port, stranger, "/v1/status") == 200      # skip_auth
         assert _get(st.port, stranger, "/v1/key/list/") == 403
     svc.close()
