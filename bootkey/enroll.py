@@ -508,7 +508,9 @@ def plan_unenroll(v: View, *, purge: bool, have_unlock_key: bool) -> Plan:
     last keyslot: the operator's key must open one that stays."""
     ours = frozenset(k.keyslot for k in v.keys if k.in_header and k.opens)
     if not ours and not v.tokens and (v.entry is None or not purge):
-        raise VaultNotFound(f"{v.device} (UUID {v.luks_uuid}): not enrolled — nothing to do")
+        # The state unenroll asks for already holds (e.g. a finished or crashed-after-the-
+        # last-step run): success, like `rm -f`.
+        return Plan((), "not enrolled — nothing to do")
     others = v.keyslots - ours
     steps: list[Step] = []
     if ours:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -212,9 +213,16 @@ def report(out: enroll.Outcome, args: argparse.Namespace, verb: str) -> None:
 # ---- commands ----------------------------------------------------------------------------
 
 
+# The mapping name at unlock (/dev/mapper/NAME): the same rule as a [[volume]] name.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}")
+
+
 def run_enroll(args: argparse.Namespace) -> int:
     if args.force and not args.format:
         raise UsageError("enroll: --force only applies with --format")
+    if args.name is not None and not _NAME.fullmatch(args.name):
+        raise UsageError(f"--name {args.name!r}: not a usable mapping name — use letters, "
+                         "digits, _ . + - (at most 127)")
     device = _device(args.device)
     cfg = load_config(args)
     secret.harden_process()

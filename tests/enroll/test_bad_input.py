@@ -218,3 +218,13 @@ def test_stale_entry_conflict(env2: Env) -> None:
     res = env.bootkey("enroll", dev, "--unlock-key-file", pw)
     assert_refused(env, res, 88, "unenroll --purge")
     assert file_digest(dev) == before and env.state(dev).keys == keys
+
+
+def test_bad_name(env2: Env) -> None:
+    env = env2
+    dev = env.image()
+    before = file_digest(dev)
+    res = env.bootkey("enroll", dev, "--name", "../etc", "--unlock-key-file",
+                      str(env.passfile()))
+    assert_refused(env, res, 64, "--name", "mapping name")
+    assert file_digest(dev) == before and no_entries(env)

@@ -150,8 +150,7 @@ def test_enroll_killed_at_every_step(env: Env, point: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize("point", boundaries(enroll.ROTATE), ids=lambda p: f"{p[0]}#{p[1]}")
-def test_rotate_killed_at_every_step(env2: Env, point: tuple[str, int]) -> None:
-    env = env2
+def test_rotate_killed_at_every_step(env: Env, point: tuple[str, int]) -> None:
     dev = env.image()
     do_enroll(env, dev)(env.session(), None)
     before = keystore.read_entry(env.session(), env.loc(dev))
@@ -164,6 +163,8 @@ def test_rotate_killed_at_every_step(env2: Env, point: tuple[str, int]) -> None:
     assert_done(env, dev)
     after = keystore.read_entry(env.session(), env.loc(dev))
     assert after is not None and after.keys[0].sealed != before.keys[0].sealed
+    if env.vault.kv_version == 1:
+        return
     meta = env.session().kv_metadata(env.cfg.vault.kv.mount, env.loc(dev).path)
     assert meta is not None
     cur = int(meta["current_version"])
@@ -184,6 +185,30 @@ def test_format_killed_at_every_step(env2: Env, point: tuple[str, int]) -> None:
     assert assert_done(env, dev, passphrase_slot=False) == 0
     entries = host_entries(env)
     assert entries == [luks.inspect(dev).uuid], entries  # no orphan entry for another UUID
+
+
+def do_unenroll(env: Env, dev: str) -> Op:
+    def op(session: VaultSession, hook: enroll.AfterStep | None) -> object:
+        with secret_of(PASSPHRASE) as pw:
+            return enroll.unenroll(env.cfg, session, env.host, dev, purge=True, unlock_key=pw,
+                                   rundir=env.rundir, after_step=hook)
+    return op
+
+
+@pytest.mark.parametrize("point", boundaries(enroll.UNENROLL), ids=lambda p: f"{p[0]}#{p[1]}")
+def test_unenroll_purge_killed_at_every_step(env2: Env, point: tuple[str, int]) -> None:
+    env = env2
+    dev = env.image()
+    do_enroll(env, dev)(env.session(), None)
+    status = in_child(env, do_unenroll(env, dev), kill_after=point)
+    assert killed(status)
+    assert env.passphrase_opens(dev)
+    others = set(luks.inspect(dev).keyslots) - {0}
+    assert others <= set(env.vault_key_opens(dev))  # a keyslot left keeps its Vault key
+    do_unenroll(env, dev)(env.session(), None)
+    st = env.state(dev)
+    assert st.keyslots == {0} and st.token_slots == [] and not st.entry_exists
+    assert env.backups() == [] and host_entries(env) == []
 
 
 def test_killed_at_random_moments(env2: Env) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from bootkey import keystore, luks
 from tests.enroll.conftest import Env
+from tests.support.bao import DevBao
 from tests.support.luksimg import header_digest
 
 
@@ -148,3 +149,20 @@ def test_dry_run_changes_nothing(env2: Env) -> None:
     assert res.returncode == 0, res.stderr
     assert "(dry run)" in res.stdout and "AddKeyslot(keyslot=1)" in res.stdout
     assert header_digest(dev) == before and not env.state(dev).entry_exists
+
+
+def test_rewrap_follows_transit_key_rotation(env2: Env, bao: DevBao) -> None:
+    """--rewrap re-seals under the newest transit key version; the volume is untouched."""
+    env = env2
+    dev = env.image()
+    assert env.bootkey("enroll", dev, "--unlock-key-file", str(env.passfile())).returncode == 0
+    root = bao.client()
+    root.secrets.transit.rotate_key("bootkey")
+    latest = root.secrets.transit.read_key("bootkey")["data"]["latest_version"]
+    before = header_digest(dev)
+    res = env.bootkey("rotate", dev, "--rewrap")
+    assert res.returncode == 0, res.stderr
+    entry = keystore.read_entry(env.session(), env.loc(dev))
+    assert entry is not None and entry.keys[0].sealed.startswith(f"vault:v{latest}:")
+    assert header_digest(dev) == before
+    assert env.unlock_check()[dev]["result"] == "verified"

@@ -87,6 +87,16 @@ def test_enrolled_is_done_or_tidied() -> None:
     assert tidy.names == ["BackupHeader", "RemoveToken", "RemoveBackup"]
 
 
+def test_recovery_key_again_replaces_the_old_one() -> None:
+    v = view({0, 1, 5}, [(1, "active", True)], {0: {1}})
+    v = e.View(v.device, v.luks_uuid, v.keyslots, v.tokens, v.entry, v.keys, 2,
+               {7: frozenset({5})})
+    plan = e.plan_enroll(v, recovery_key=True)
+    assert plan.names == ["BackupHeader", "UnsealKey", "TestSlotAlone", "KillSlot",
+                          "RemoveToken", "AddRecoveryKey", "RemoveBackup"]
+    assert e.KillSlot(5) in plan.steps and e.RemoveToken(7) in plan.steps
+
+
 def test_rotate_resume_after_commit_retires_old() -> None:
     plan = e.plan_rotate(view({0, 1, 2}, [(1, "retiring", True), (2, "active", True)],
                               {0: {1}, 1: {2}}))
