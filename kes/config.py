@@ -77,6 +77,18 @@ class AdminConfig(_Model):
     identity: str = ""
 
 
+class VaultPKISection(_Model):
+    """bootkey extension: the server certificate issued by Vault's PKI engine at start
+    (`<mount>/issue/<role>`), private key only in memory, renewed at 2/3 of its life."""
+
+    mount: str = "pki"
+    role: str
+    common_name: str = "localhost"
+    ip_sans: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    alt_names: list[str] = Field(default_factory=lambda: ["localhost"])
+    ttl: str = "720h"
+
+
 class TLSSection(_Model):
     key: Path | None = None
     cert: Path | None = None
@@ -84,6 +96,13 @@ class TLSSection(_Model):
     auth: str = ""
     ca: Path | None = None
     proxy: dict[str, Any] = Field(default_factory=dict)  # parsed, ignored (as current KES)
+    vault_pki: VaultPKISection | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TLSSection:
+        if self.vault_pki is not None and (self.key is not None or self.cert is not None):
+            raise ValueError("set key and cert, or vault_pki, not both")
+        return self
 
     @field_validator("auth")
     @classmethod

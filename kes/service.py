@@ -37,7 +37,7 @@ from kes.http import Request, Response
 from kes.keyring import CacheExpiry, KeyExists, Keyring, KeyStore
 from kes.keyversion import KeyVersion
 from kes.server import ServerThread
-from kes.tls import TLSConfig
+from kes.tls import CertSource, TLSConfig, VaultPKI
 from kes.vaultstore import VaultKeyStore, VaultStoreConfig
 
 log = logging.getLogger("kes.error")
@@ -58,6 +58,7 @@ class Service:
     _started: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     harden_workers: bool = False  # `kes serve` sets it; it hardened the parent itself
+    cert_source: CertSource | None = None  # re-issues the certificate (tls.vault_pki)
     _log_handler: logging.Handler | None = None
     _built_in: int = field(default_factory=os.getpid)
 
@@ -87,7 +88,8 @@ class Service:
     def thread(self) -> ServerThread:
         """The server on its own event loop in a thread (the agent's way to run it):
         `with svc.thread() as st: …` — listening on `st.port` inside the block."""
-        return ServerThread(self.handler, self.tls, self.host, self.port)
+        return ServerThread(self.handler, self.tls, self.host, self.port,
+                            cert_source=self.cert_source)
 
     def reload(self, cfg: kconf.KesConfig) -> None:
         """Apply a re-read config (SIGHUP): admin, policies, cache expiry, log levels.
@@ -138,8 +140,15 @@ def build(section: dict[str, Any] | kconf.KesConfig,
     answers 403 through the agent's client (an expired token), then the call is retried.
     """
     cfg = section if isinstance(section, kconf.KesConfig) else kconf.from_section(section, source)
-    if store is None:
-        store = _vault_store(cfg, vault_client_factory, vault_relogin)
+    pki = cfg.tls.vault_pki if tls is None else None
+    cert_source: CertSource | None = None
+    if store is None or pki is not None:
+        client, vault_relogin = _vault_client(cfg, vault_client_factory, vault_relogin)
+        if store is None:
+            store = VaultKeyStore(client, store_config(cfg), relogin=vault_relogin)
+        if pki is not None:
+            cert_source = _pki(cfg.tls, pki, client)
+            tls = cert_source.issue()
     e = cfg.cache.expiry
     keyring = Keyring(store, CacheExpiry(any=e.any, unused=e.unused, offline=e.offline),
                       on_error=lambda msg, exc: log.error("%s: %s", msg, exc))
@@ -153,7 +162,7 @@ def build(section: dict[str, Any] | kconf.KesConfig,
     ping = cfg.keystore.vault.status.ping if cfg.keystore.vault else 10.0
     return Service(api=api, keyring=keyring, tls=tls or _tls(cfg), host=host, port=port,
                    workers=cfg.workers, config=cfg, probe_interval=ping or 10.0,
-                   _log_handler=hub_handler)
+                   cert_source=cert_source, _log_handler=hub_handler)
 
 
 def _set_levels(cfg: kconf.KesConfig) -> None:
@@ -174,6 +183,26 @@ def _read(path: Path | None, what: str) -> bytes:
         raise ConfigError(f"kes: {what}: cannot read {path}: {e.strerror}") from None
 
 
+def _client_ca(t: kconf.TLSSection) -> tuple[bytes | None, bool]:
+    """(client CA PEM, verify client certificates) from tls.ca / tls.auth."""
+    ca: bytes | None = None
+    if t.ca is not None:
+        ca = b"".join(_read(p, "tls.ca") for p in sorted(t.ca.iterdir())
+                      if p.suffix in (".pem", ".crt")) if t.ca.is_dir() else _read(t.ca, "tls.ca")
+    verify = t.auth == "on"
+    if verify and not ca:
+        raise ConfigError("kes: tls.auth is on but tls.ca is not set — set tls.ca to the "
+                          "client CA, or tls.auth to off")
+    return ca, verify
+
+
+def _pki(t: kconf.TLSSection, p: kconf.VaultPKISection, client: VaultClientFactory) -> VaultPKI:
+    ca, verify = _client_ca(t)
+    return VaultPKI(client=client, role=p.role, common_name=p.common_name, mount=p.mount,
+                    ip_sans=tuple(p.ip_sans), alt_names=tuple(p.alt_names), ttl=p.ttl,
+                    client_ca_pem=ca, verify_client=verify)
+
+
 def _tls(cfg: kconf.KesConfig) -> TLSConfig:
     t = cfg.tls
     cert = _read(t.cert, "tls.cert")
@@ -186,14 +215,7 @@ def _tls(cfg: kconf.KesConfig) -> TLSConfig:
                               "tls.password") from None
         key = pk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                serialization.NoEncryption())
-    ca: bytes | None = None
-    if t.ca is not None:
-        ca = b"".join(_read(p, "tls.ca") for p in sorted(t.ca.iterdir())
-                      if p.suffix in (".pem", ".crt")) if t.ca.is_dir() else _read(t.ca, "tls.ca")
-    verify = t.auth == "on"
-    if verify and not ca:
-        raise ConfigError("kes: tls.auth is on but tls.ca is not set — set tls.ca to the "
-                          "client CA, or tls.auth to off")
+    ca, verify = _client_ca(t)
     return TLSConfig(cert_pem=cert, key_pem=key, client_ca_pem=ca, verify_client=verify)
 
 
@@ -206,22 +228,24 @@ def store_config(cfg: kconf.KesConfig) -> VaultStoreConfig:
         transit_key=v.transit.key if v.transit else "")
 
 
-def _vault_store(cfg: kconf.KesConfig, factory: VaultClientFactory | None,
-                 relogin: Callable[[], None] | None) -> VaultKeyStore:
+def _vault_client(cfg: kconf.KesConfig, factory: VaultClientFactory | None,
+                  relogin: Callable[[], None] | None
+                  ) -> tuple[VaultClientFactory, Callable[[], None] | None]:
+    """The Vault client for keys (and PKI): the section's own endpoint and login, else
+    the caller's (the agent's session)."""
     v = cfg.keystore.vault
     if v is None:
         if factory is None:
             raise ConfigError("kes: keystore.vault: required — configure the Vault keystore")
         v = kconf.VaultSection()
-    store_cfg = store_config(cfg)
     if not v.endpoint:
         if factory is None:
             raise ConfigError("kes: keystore.vault.endpoint: required when KES runs on its "
                               "own — set it, or run KES inside `bootkey agent`")
-        return VaultKeyStore(factory, store_cfg, relogin=relogin)
+        return factory, relogin
     login = _VaultLogin(v)
     login.login()
-    return VaultKeyStore(login.client_for_call, store_cfg, relogin=login.login)
+    return login.client_for_call, login.login
 
 
 class _VaultLogin:

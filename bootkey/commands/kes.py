@@ -226,6 +226,7 @@ def run_serve(args: argparse.Namespace) -> int:
     svc.create_configured_keys()
     try:
         server.run(svc.handler, svc.tls, svc.host, svc.port, svc.workers,
+                   cert_source=svc.cert_source,
                    ready=lambda port: print(f"kes: listening on {svc.host}:{port}",
                                             file=sys.stderr, flush=True))
     except OSError as e:

@@ -153,3 +153,43 @@ def test_standalone_vault_login_errors_are_classified(tmp_path: Path) -> None:
         svc.close()
     finally:
         bao.stop()
+
+
+def test_server_certificate_from_vault_pki_config(bao_pki: tuple[Any, str, Path],
+                                                  tmp_path: Path) -> None:
+    bao, mount, ca_file = bao_pki
+    client = make_leaf(None, "minio", client=True)
+    sec: dict[str, Any] = {
+        "admin": {"identity": of_certificate(client.cert)}, "address": "127.0.0.1:0",
+        "tls": {"vault_pki": {"mount": mount, "role": "kes", "ttl": "30m"}},
+        "keystore": {"vault": {"endpoint": bao.address, "token": "root", "engine": "secret",
+                               "version": "v2", "prefix": f"pki-{mount}"}}}
+    svc = service.build(sec)
+    assert svc.cert_source is not None
+    cert, key = tmp_path / "c.crt", tmp_path / "c.key"
+    cert.write_bytes(client.cert_pem)
+    key.write_bytes(client.key_pem)
+    ctx = ssl.create_default_context(cafile=str(ca_file))  # trusts only the Vault PKI root
+    ctx.load_cert_chain(str(cert), str(key))
+    with svc.thread() as st:
+        assert _get(st.port, ctx, "/v1/key/create/pki-key", "POST") == 200
+        assert _get(st.port, ctx, "/v1/status") == 200
+    svc.close()
+    with pytest.raises(ConfigError, match="not both"):
+        service.build({**sec, "tls": {"cert": "/x", "key": "/y", "vault_pki": {"role": "kes"}}})
+
+
+@pytest.fixture
+def bao_pki(bao: Any, tmp_path: Path) -> tuple[Any, str, Path]:
+    import secrets
+    root = bao.client()
+    mount = f"pki-{secrets.token_hex(4)}"
+    root.sys.enable_secrets_engine("pki", path=mount, config={"max_lease_ttl": "24h"})
+    ca = root.secrets.pki.generate_root("internal", "bootkey test root", mount_point=mount)
+    root.secrets.pki.create_or_update_role(
+        "kes", mount_point=mount,
+        extra_params={"allow_localhost": True, "allowed_domains": ["localhost"],
+                      "allow_bare_domains": True, "allow_ip_sans": True, "max_ttl": "1h"})
+    ca_file = tmp_path / "vault-ca.pem"
+    ca_file.write_text(ca["data"]["certificate"])
+    return bao, mount, ca_file
