@@ -8,10 +8,12 @@ $BAO_TOKEN or --token-file, an existing LUKS key from --unlock-key-file FILE or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from bootkey import enroll, secret, unlock, vaultlocker
@@ -150,22 +152,36 @@ def read_key(spec: str | None) -> SecretBuffer | None:
     return SecretBuffer.from_bytes(data)
 
 
-def kill_hook() -> enroll.AfterStep | None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return None
-    name, _, nth = spec.partition("#")
-    want = int(nth or 1)
+def kill_after(name: str, nth: int = 1) -> enroll.AfterStep:
+    """An after_step hook that SIGKILLs this process after the nth step called `name`."""
     seen = 0
 
     def hook(step: enroll.Step) -> None:
         nonlocal seen
         if step.name == name:
             seen += 1
-            if seen == want:
+            if seen == nth:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
+
+
+def kill_hook() -> enroll.AfterStep | None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return None
+    name, _, nth = spec.partition("#")
+    return kill_after(name, int(nth or 1))
+
+
+@contextlib.contextmanager
+def unlock_key(spec: str | None) -> Iterator[SecretBuffer | None]:
+    key = read_key(spec)
+    try:
+        yield key
+    finally:
+        if key is not None:
+            key.close()
 
 
 def resolve_target(cfg: Config, target: str) -> str:
@@ -226,16 +242,12 @@ def run_enroll(args: argparse.Namespace) -> int:
     device = _device(args.device)
     cfg = load_config(args)
     secret.harden_process()
-    key = read_key(args.unlock_key_file)
-    try:
+    with unlock_key(args.unlock_key_file) as key:
         session = session_for(cfg, args)
         out = enroll.enroll(cfg, session, cfg.resolved_host_id(), device, name=args.name,
                             unlock_key=key, keyslot=args.keyslot, format_device=args.format,
                             force=args.force, recovery_key=args.recovery_key,
                             dry_run=args.dry_run, after_step=kill_hook())
-    finally:
-        if key is not None:
-            key.close()
     report(out, args, "enrolled")
     return 0
 
@@ -254,15 +266,11 @@ def run_rotate(args: argparse.Namespace) -> int:
 def run_unenroll(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     secret.harden_process()
-    key = read_key(args.unlock_key_file)
-    try:
+    with unlock_key(args.unlock_key_file) as key:
         session = session_for(cfg, args)
         device = resolve_target(cfg, args.target)
         out = enroll.unenroll(cfg, session, cfg.resolved_host_id(), device, purge=args.purge,
                               unlock_key=key, dry_run=args.dry_run, after_step=kill_hook())
-    finally:
-        if key is not None:
-            key.close()
     report(out, args, "unenrolled")
     return 0
 

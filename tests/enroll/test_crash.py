@@ -19,24 +19,12 @@ from collections.abc import Callable
 import pytest
 
 from bootkey import enroll, keystore, luks
+from bootkey.commands.enroll import kill_after as kill_after_step
 from bootkey.vault import VaultSession
 from tests.enroll.conftest import Env, secret_of
 from tests.support.luksimg import PASSPHRASE
 
 Op = Callable[[VaultSession, enroll.AfterStep | None], object]
-
-
-def killer(name: str, nth: int) -> enroll.AfterStep:
-    seen = 0
-
-    def hook(step: enroll.Step) -> None:
-        nonlocal seen
-        if step.name == name:
-            seen += 1
-            if seen == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
 
 
 def in_child(env: Env, op: Op, *, kill_after: tuple[str, int] | None = None,
@@ -47,7 +35,7 @@ def in_child(env: Env, op: Op, *, kill_after: tuple[str, int] | None = None,
         code = 0
         try:
             os.setpgid(0, 0)
-            op(env.session(), killer(*kill_after) if kill_after else None)
+            op(env.session(), kill_after_step(*kill_after) if kill_after else None)
         except BaseException:  # the parent judges by the state left behind
             code = 3
         os._exit(code)
