@@ -45,6 +45,7 @@ from bootkey.errors import (
     BootkeyError,
     CryptsetupFailed,
     DeviceBusy,
+    DeviceNotFound,
     LastKeyslot,
     NoFreeKeyslot,
     NotBlank,
@@ -545,8 +546,12 @@ def plan_rewrap(v: View) -> Plan:
 def _private_dir(path: Path) -> Path:
     """mkdir -p with mode 0700; refuse a directory others can read or that is not ours:
     a header backup holds every keyslot."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot create bootkey's run directory: {e.strerror} — run "
+                         "as root, or set BOOTKEY_RUN_DIR to a root-only directory") from None
     if st.st_uid != os.geteuid():
         raise UsageError(f"{path}: cannot keep header backups there: owned by uid "
                          f"{st.st_uid}, not us — remove it or set BOOTKEY_RUN_DIR")
@@ -575,7 +580,11 @@ class RunDir:
         """One enroll/rotate/unenroll per device at a time (flock; freed by the kernel
         if we die). Block devices are also opened O_EXCL, as mkfs does, to refuse a
         device that is mounted or held open by a mapping."""
-        st = os.stat(device)
+        try:
+            st = os.stat(device)
+        except OSError as e:
+            raise DeviceNotFound(f"{device}: cannot lock: {e.strerror} — check the device")\
+                from None
         ident = f"{st.st_rdev:x}" if stat.S_ISBLK(st.st_mode) else f"{st.st_dev:x}-{st.st_ino:x}"
         path = _private_dir(self.root / "lock") / f"{ident}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
