@@ -88,13 +88,12 @@ class KesComponent:
 
     def __init__(self, agent: Agent) -> None:
         import kes.service
-        from kes.server import ServerThread
 
         session = agent._session()
         self.service = kes.service.build(agent.cfg.kes, vault_client_factory=session.raw_client,
                                          vault_relogin=session.login)
-        self.thread = ServerThread(self.service.handler, self.service.tls, self.service.host,
-                                   self.service.port)
+        # the service's own thread: it renews a Vault-PKI server certificate if configured
+        self.thread = self.service.thread()
 
     def start(self) -> None:
         self.thread.__enter__()
