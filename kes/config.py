@@ -18,12 +18,11 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -31,42 +30,9 @@ from pydantic import (
     model_validator,
 )
 
+from bootkey.config import Duration  # Go-style durations, as KES YAML writes them
 from bootkey.errors import ConfigError
 from kes import policy as pol
-
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
-             "m": 60.0, "h": 3600.0}
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-
-
-def parse_duration(value: Any) -> float:
-    """A Go duration string ("5m0s", "1h30m", "-1s" refused) or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as \"30s\" or \"5m0s\"")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError("expected a duration such as \"30s\" or \"5m0s\"")
-    s = value.strip()
-    if s in ("", "0"):
-        return 0.0
-    if s.startswith("-"):
-        raise ValueError(f"{value!r}: a duration cannot be negative")
-    s = s.removeprefix("+")
-    pos, total = 0, 0.0
-    for m in _GO_PART.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or pos == 0:
-        raise ValueError(f"{value!r} is not a duration: use e.g. \"30s\", \"5m0s\", \"1h\"")
-    return total
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Model(BaseModel):

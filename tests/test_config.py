@@ -11,14 +11,14 @@ from bootkey.errors import ConfigError
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
-    ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("250ms", 0.25), (" 2 s ", 2.0), (7, 7.0),
-    (1.5, 1.5),
+    ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("250ms", 0.25), (" 2s ", 2.0), (7, 7.0),
+    (1.5, 1.5), ("1h30m", 5400.0), ("5m0s", 300.0),
 ])
 def test_durations(text: object, seconds: float) -> None:
     assert config.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["soon", "5 minutes", "-3s", -1, True, ""])
+@pytest.mark.parametrize("bad", ["soon", "5 minutes", "-3s", -1, True, "", "2 s", "5x"])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match=r"duration|negative"):
         config.parse_duration(bad)

@@ -6,6 +6,7 @@ import tomllib
 
 import pytest
 
+from bootkey.config import parse_duration
 from bootkey.errors import ConfigError
 from kes import config as kconf
 
@@ -156,7 +157,7 @@ def test_empty_section_defaults() -> None:
     ("5m0s", 300), ("1h30m", 5400), ("250ms", 0.25), ("0", 0), ("1.5s", 1.5), (45, 45),
 ])
 def test_go_durations(text: str | int, seconds: float) -> None:
-    assert kconf.parse_duration(text) == pytest.approx(seconds)
+    assert parse_duration(text) == pytest.approx(seconds)  # one parser for TOML and KES YAML
 
 
 @pytest.mark.parametrize("level,value", [
