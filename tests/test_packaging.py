@@ -164,3 +164,19 @@ def test_rebuild_of_the_same_inputs_is_byte_identical(deb: Path, tmp_path: Path)
     again = debpkg.build(snap, tmp_path / "again")
     assert again.read_bytes() == deb.read_bytes()
     assert os.path.basename(again) == os.path.basename(deb)
+
+
+def test_rpm_spec_agrees_with_pyproject_and_the_deb_layout() -> None:
+    spec = (debpkg.REPO / "packaging" / "bootkey.spec").read_text()
+    version = tomllib.loads((debpkg.REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert re.search(rf"^Version:\s+{re.escape(version)}$", spec, re.MULTILINE)
+    build = (debpkg.REPO / "packaging" / "build-deb.sh").read_text()
+    # Same launcher interpreter flags, same private library directory, same example config.
+    assert "#!/usr/bin/python3 -IS" in spec and "#!/usr/bin/python3 -IS" in build
+    for path in ("/usr/lib/bootkey", "bootkey.toml.example", "bootkey.tmpfiles"):
+        assert path in spec and path in build, path
+    # Every shipped unit is named by bootkey* in %files and installed from systemd/.
+    units = [u.name for u in (debpkg.REPO / "systemd").iterdir()
+             if u.suffix in (".service", ".socket")]
+    assert all(u.startswith("bootkey") for u in units), units
+    assert "%{_unitdir}/bootkey*" in spec
