@@ -514,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(300, 30, 1, (1, 16), (4,))
     workers = [int(w) for w in a.workers.split(",")]
     results = Results(trivial=a.trivial, versions=versions())
-    results.versions["server loop"] = a.loop
+    loop = a.loop if a.loop == "asyncio" or "not installed" not in results.versions["uvloop"] \
+        else "asyncio (uvloop not installed)"
+    results.versions["server loop"] = loop
     work = Path(tempfile.mkdtemp(prefix="bootkey-bench-kes-"))
     from tests.support.bao import DevBao
 

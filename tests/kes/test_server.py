@@ -578,3 +578,22 @@ def test_shared_context_is_accepted(pki: Pki, client_ctx: ssl.SSLContext) -> Non
     with ServerThread(Recorder(), ctx) as st, connect(st.port, client_ctx) as s:
         s.sendall(request("GET", "/version"))
         assert Reader(s).response().status == 200
+
+
+def test_handlers_may_use_asyncio_timeout_after_their_first_suspension(
+    pki: Pki, client_ctx: ssl.SSLContext
+) -> None:
+    # The documented limit of eager handlers on Python 3.11: Task-bound helpers only after
+    # the first real suspension. wait_for works from the start.
+    async def handler(request: Request) -> Response:
+        await asyncio.wait_for(asyncio.sleep(0), 1.0)
+        await asyncio.sleep(0)
+        async with asyncio.timeout(1.0):
+            await asyncio.sleep(0)
+        return Response(200, b"{}")
+
+    with ServerThread(handler, pki.tls()) as st, connect(st.port, client_ctx) as s:
+        reader = Reader(s)
+        for _ in range(3):
+            s.sendall(request("GET", "/x"))
+            assert reader.response().status == 200
