@@ -372,6 +372,7 @@ class Plan:
 class Results:
     trivial: bool = False
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+    in_process: dict[str, dict[str, float]] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
@@ -486,6 +487,131 @@ def markdown(results: Results, plan: Plan, workers: list[int]) -> str:
     return "\n".join(lines)
 
 
+INPROC = r"""
+# Server CPU per request without sockets or a load generator: a pyOpenSSL client talks to
+# one kes.server connection through memory, and only the thread CPU time spent inside
+# data_received is counted (TLS, HTTP, handler). Insensitive to other load on the box.
+import asyncio, base64, json, sys, tempfile, time
+from pathlib import Path
+from OpenSSL import SSL
+from kes.http import Response
+from kes.identity import of_certificate
+from kes.keyring import MemKeyStore
+from kes.keyversion import KeyVersion
+from kes.server import Server, _Connection
+from kes.tls import TLSConfig
+from tests.support.certs import make_ca, make_leaf
+
+mode, n = sys.argv[1], int(sys.argv[2])
+ca = make_ca("ca")
+srv = make_leaf(ca, "kes", ips=["127.0.0.1"])
+cli = make_leaf(None, "minio", kind="ec", client=True)
+if mode == "transport":
+    body = json.dumps({"plaintext": "A" * 44, "ciphertext": "B" * 200}).encode()
+    async def handler(request):
+        return Response(200, body)
+else:
+    from kes import service
+    d = Path(tempfile.mkdtemp())
+    (d / "c").write_bytes(srv.cert_pem)
+    (d / "k").write_bytes(srv.key_pem)
+    ident = of_certificate(cli.cert)
+    svc = service.build({"address": "127.0.0.1:7373", "admin": {"identity": "0" * 64},
+                         "tls": {"cert": str(d / "c"), "key": str(d / "k")},
+                         "policy": {"minio": {"allow": ["/v1/key/*"], "identities": [ident]}}},
+                        store=MemKeyStore())
+    svc.keyring.create("k", KeyVersion.generate(svc.api.key_type, "bench"))
+    handler = svc.handler
+
+class Transport:
+    def __init__(self): self.out = []
+    def write(self, data): self.out.append(data)
+    def is_closing(self): return False
+    def get_extra_info(self, key, default=None):
+        return ("127.0.0.1", 1) if key == "peername" else default
+    def close(self): pass
+    abort = pause_reading = resume_reading = close
+
+async def main():
+    server = Server(handler, TLSConfig(srv.cert_pem, srv.key_pem))
+    server._loop = asyncio.get_running_loop()
+    conn, t = _Connection(server), Transport()
+    conn.connection_made(t)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.use_certificate(cli.cert)
+    ctx.use_privatekey(cli.key)
+    c = SSL.Connection(ctx, None)
+    c.set_connect_state()
+    def to_client():
+        if t.out:
+            c.bio_write(b"".join(t.out))
+            t.out.clear()
+    while True:
+        try:
+            c.do_handshake()
+            break
+        except SSL.WantReadError:
+            conn.data_received(c.bio_read(65536))
+            to_client()
+    async def roundtrip(raw):
+        c.send(raw)
+        data = c.bio_read(65536)
+        t0 = time.thread_time()
+        conn.data_received(data)
+        spent = time.thread_time() - t0
+        got = b""
+        for i in range(10000):
+            to_client()
+            try:
+                while True:
+                    got += c.recv(65536)
+            except SSL.WantReadError:
+                pass
+            if got:
+                return spent, got
+            await asyncio.sleep(0 if i < 100 else 0.001)
+        raise RuntimeError("no answer")
+    def post(path, body):
+        head = (f"POST {path} HTTP/1.0\r\nConnection: Keep-Alive\r\nHost: 127.0.0.1\r\n"
+                f"User-Agent: ApacheBench/2.3\r\nAccept: */*\r\nContent-length: {len(body)}\r\n"
+                "Content-type: application/json\r\n\r\n")
+        return head.encode() + body
+    context = base64.b64encode(b'{"MinIO":"bench/object"}').decode()
+    gen = post("/v1/key/generate/k", json.dumps({"context": context}).encode())
+    _, got = await roundtrip(gen)
+    ciphertext = json.loads(got.split(b"\r\n\r\n", 1)[1]).get("ciphertext", "")
+    dec = post("/v1/key/decrypt/k", json.dumps({"ciphertext": ciphertext,
+                                                "context": context}).encode())
+    out = {}
+    for name, raw in (("generate", gen), ("decrypt", dec)):
+        best = float("inf")
+        for _ in range(3):
+            total = 0.0
+            for _ in range(n):
+                spent, got = await roundtrip(raw)
+                total += spent
+            assert b" 200 " in got[:16], got[:200]
+            best = min(best, total / n * 1e6)
+        out[name] = round(best, 1)
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def in_process(n: int) -> dict[str, dict[str, float]]:
+    root = Path(__file__).resolve().parents[1]
+    out: dict[str, dict[str, float]] = {}
+    for mode in ("transport", "full"):
+        text = subprocess.run([sys.executable, "-c", INPROC, mode, str(n)], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)}, check=True,
+                              capture_output=True, text=True).stdout
+        out[mode] = json.loads(text.strip().splitlines()[-1])
+        print(f"  in-process server CPU, {mode:9}: generate {out[mode]['generate']} µs/req, "
+              f"decrypt {out[mode]['decrypt']} µs/req", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny runs: checks that it all works")
@@ -524,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = Files.create(work)
         results.load.append(os.getloadavg()[0])
+        if not a.long:
+            results.in_process = in_process(1000 if a.quick else 10000)
         for w in workers if not a.long else workers[:1]:
             with bootkey_kes(files, w, bao.address, trivial=a.trivial, loop=a.loop,
                              profile=str(a.profile or "")) as (proc, port):
@@ -561,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     if not a.long:
         print()
         print(markdown(results, plan, workers))
+        print()
+        for mode, v in results.in_process.items():
+            print(f"in-process server CPU per request ({mode}): generate {v['generate']} µs,"
+                  f" decrypt {v['decrypt']} µs")
         print()
         print("versions:", ", ".join(f"{k} {v}" for k, v in results.versions.items()))
         print(f"load average (1 min) before/after: {results.load}")
