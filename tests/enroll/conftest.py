@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,8 @@ class Env:
     def state(self, dev: str, luks_uuid: str | None = None) -> State:
         hdr = luks.inspect(dev) if luks.probe_magic(dev) == 2 else None
         uid = luks_uuid or (hdr.uuid if hdr else "")
-        loc = keystore.location_for(self.cfg, self.host, uid)
-        entry = keystore.read_entry(self.session(), loc)
+        entry = keystore.read_entry(
+            self.session(), keystore.location_for(self.cfg, self.host, uid)) if uid else None
         return State(
             set(hdr.keyslots) if hdr else set(),
             [set(hdr.token_keyslots(t)) for t in hdr.tokens_of_type("bootkey")] if hdr else [],
@@ -105,6 +106,19 @@ class Env:
                              capture_output=True, timeout=timeout, check=False, env=env)
         return subprocess.CompletedProcess(res.args, res.returncode,
                                            res.stdout.decode(), res.stderr.decode())
+
+    def boot_check(self, dev: str) -> str:
+        """The lead's unlock path in-process with the boot AppRole: resolve the volume
+        from its token, unseal, test. Returns the outcome ("verified" or the failure)."""
+        from bootkey import unlock
+        vols, failed = unlock.resolve_volumes(self.cfg, names=[dev])
+        if failed or not vols:
+            return f"unresolved: {failed}"
+        s = VaultSession.from_config(self.cfg)
+        s.login()
+        (res,) = unlock.unlock_all(s, vols, check=True, parallel=1,
+                                   deadline_at=time.monotonic() + 20)
+        return res.outcome.value if res.ok else f"failed: {res.reason}"
 
     def unlock_check(self, *names: str) -> dict[str, dict[str, object]]:
         """`bootkey unlock --check --json` with the boot AppRole (no operator token)."""
