@@ -17,6 +17,7 @@ APT_PACKAGES=(
   nginx-light           # mTLS ceiling benchmark for KES
   apache2-utils         # ab -k -E
   curl
+  golang-go             # a MinIO-style Go TLS/HTTP client in the KES transport tests
 )
 
 missing=()
