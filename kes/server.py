@@ -489,12 +489,18 @@ class _Connection(asyncio.Protocol):
                 )
             )
             self._flush()
+            transport = self._transport
+            assert transport is not None  # noqa: S101
             async for piece in stream:
                 if self._closed:
                     break
                 if piece:
                     self._send(piece if http10 else http1.chunk(piece))
                     self._flush()
+                if transport.get_write_buffer_size() > _BATCH_BYTES:
+                    # A stream that never suspends would otherwise fill memory: give the
+                    # loop a turn (uvloop reports backpressure only then) and wait for it.
+                    await asyncio.sleep(0)
                 if self._write_paused:
                     self._drain = self._loop.create_future()
                     await self._drain

@@ -410,6 +410,41 @@ def test_finite_stream_is_chunked_and_connection_reused(
         assert reader.response().body == b"{}"
 
 
+def test_stream_that_never_suspends_is_held_back_by_a_slow_client(
+    pki: Pki, client_ctx: ssl.SSLContext, loop_factory: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
+    piece = b"s" * 256 * 1024
+    count = 200  # 50 MiB if the server buffered the whole stream
+    buffered: list[int] = []
+    holder: list[ServerThread] = []
+
+    async def handler(request: Request) -> Response:
+        async def gen() -> AsyncIterator[bytes]:
+            for _ in range(count):
+                conns = list(holder[0].server.connections)
+                if conns and conns[0]._transport is not None:
+                    buffered.append(conns[0]._transport.get_write_buffer_size())
+                yield piece  # no await in between: nothing here ever suspends
+
+        return Response(200, stream=gen(), content_type="application/octet-stream")
+
+    with (
+        ServerThread(handler, pki.tls(), loop_factory=loop_factory) as st,
+        connect(st.port, client_ctx) as s,
+    ):
+        holder.append(st)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(request("GET", "/v1/log/audit"))
+        # Read nothing until the server either waits for the client to drain or has
+        # produced the whole stream (which it must not: that is 50 MiB in its buffers).
+        wait_for(lambda: len(buffered) == count or any(
+            c._drain is not None for c in st.server.connections), what="stream to stall")
+        reply = Reader(s).response()
+    assert len(reply.body) == count * len(piece)
+    assert len(buffered) == count
+    assert max(buffered) < 8 * 1024 * 1024, max(buffered)
+
+
 def test_large_response_arrives_intact(pki: Pki, client_ctx: ssl.SSLContext) -> None:
     payload = bytes(range(256)) * (32 * 1024)  # 8 MiB: many TLS records, transport buffering
 
