@@ -25,6 +25,10 @@ from bootkey.vault import VaultSession
 from tests.enroll.conftest import Env, secret_of
 from tests.support.luksimg import PASSPHRASE
 
+# The whole module: ~60 kill-and-resume cases, each a few real cryptsetup and Vault round
+# trips. `pytest -m "not slow"` leaves them out of a quick edit-test loop; CI runs them.
+pytestmark = pytest.mark.slow
+
 Op = Callable[[VaultSession, enroll.AfterStep | None], object]
 
 

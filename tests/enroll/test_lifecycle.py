@@ -4,11 +4,12 @@ keyslots after each step."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
 
-from bootkey import keystore, luks
+from bootkey import enroll, keystore, luks
 from tests.enroll.conftest import Env
 from tests.support.bao import DevBao
 from tests.support.luksimg import header_digest
@@ -22,6 +23,8 @@ def test_enroll_rotate_unenroll(env: Env) -> None:
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["keyslots"] == [1]
+    # the executed operation log is the declared sequence
+    assert [x.split("(")[0] for x in out["steps"]] == [c.__name__ for c in enroll.ENROLL]
     st = env.state(dev)
     assert st.keyslots == {0, 1}
     assert st.token_slots == [{1}]
@@ -42,8 +45,18 @@ def test_enroll_rotate_unenroll(env: Env) -> None:
     assert chk[dev]["name"] == "data"
 
     sealed_before = entry.keys[0].sealed
+    outputs = [res.stdout + res.stderr]
     res = env.bootkey("rotate", "data")  # by name, found from the token
     assert res.returncode == 0, res.stderr
+    outputs.append(res.stdout + res.stderr)
+    # neither key ever shows up in what the commands print, in any common encoding
+    rotated = keystore.read_entry(env.session(), loc)
+    assert rotated is not None
+    for sealed_key in (entry.keys[0], *rotated.keys):
+        with keystore.unseal(env.session(), loc, sealed_key) as key:
+            raw = bytes(key.view)
+        for form in (raw.hex(), base64.b64encode(raw).decode(), raw[:16].hex()):
+            assert all(form not in o for o in outputs)
     st = env.state(dev)
     assert st.keyslots == {0, 2}
     assert st.token_slots == [{2}]
