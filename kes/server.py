@@ -813,8 +813,11 @@ def run(
     the others and raises. Workers die with the parent (PR_SET_PDEATHSIG). Anything the
     handler holds that cannot survive fork (threads, open connections) must be created
     lazily, in the worker. `ready(port)`, if given, is called once everything listens.
-    With `cert_source` each worker renews on its own (see `Server`); after a renewal the
-    workers' session-ticket keys differ, so resumption across workers is then best effort."""
+    If the caller installed a SIGHUP handler (config reload), the parent forwards SIGHUP
+    to the workers too, so that `kill -HUP <main pid>` (systemd's ExecReload) reaches the
+    processes that serve; the parent itself does not run the handler. With `cert_source`
+    each worker renews on its own (see `Server`); after a renewal the workers'
+    session-ticket keys differ, so resumption across workers is then best effort."""
     if cert_source is not None:
         if not isinstance(tls, TLSConfig):
             raise ValueError("cert_source needs the initial certificate as a TLSConfig")
@@ -837,6 +840,8 @@ def run(
     bound = socks[0].getsockname()[1]
     socks += [_listener(host, bound, reuse_port=True) for _ in range(workers - 1)]
     watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    if callable(signal.getsignal(signal.SIGHUP)):
+        watched.add(signal.SIGHUP)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     parent = os.getpid()
     children: dict[int, int] = {}
@@ -863,7 +868,7 @@ def run(
             sock.close()
         if ready is not None:
             ready(bound)
-        _supervise(children)
+        _supervise(children, watched)
     finally:
         for pid in list(children):
             try:
@@ -874,13 +879,16 @@ def run(
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _supervise(children: dict[int, int]) -> None:
-    """Wait for a stop signal or a dead worker; stop all workers; reap them. Entries are
-    removed from `children` as they are reaped."""
-    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+def _supervise(children: dict[int, int], watched: set[signal.Signals]) -> None:
+    """Wait for a stop signal or a dead worker, passing SIGHUP on; then stop all workers
+    and reap them. Entries are removed from `children` as they are reaped."""
     failed = False
     while True:
         info = signal.sigwaitinfo(watched)
+        if info.si_signo == signal.SIGHUP:
+            for pid in children:
+                os.kill(pid, signal.SIGHUP)
+            continue
         if info.si_signo != signal.SIGCHLD:
             break
         if _reap(children):

@@ -17,13 +17,19 @@ from tests.kes.server_util import Pki, Reader, connect, request, wait_for
 from tests.support.certs import make_leaf
 
 SCRIPT = r"""
-import os, sys
+import os, signal, sys
 from kes.http import Response
 from kes.server import run
 from kes.tls import TLSConfig
 
+hups = 0
+def on_hup(signum, frame):
+    global hups
+    hups += 1
+signal.signal(signal.SIGHUP, on_hup)
+
 async def handler(request):
-    return Response(200, b'{"pid":%d}' % os.getpid())
+    return Response(200, b'{"pid":%d,"hups":%d}' % (os.getpid(), hups))
 
 cert, key = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read()
 run(handler, TLSConfig(cert, key), port=0, workers=int(sys.argv[3]),
@@ -155,3 +161,20 @@ def test_a_dying_worker_stops_the_service(workers: Running) -> None:
     # exits non-zero so that systemd restarts the whole unit.
     assert workers.proc.wait(15) != 0
     assert not _alive(worker_pids[1])
+
+
+def test_sighup_to_the_parent_reaches_every_worker_once(pki: Pki, workers: Running) -> None:
+    ctx = pki.client_context(make_leaf(None, "minio", kind="ec", client=True))
+    worker_pids = _children(workers.proc.pid)
+    workers.proc.send_signal(signal.SIGHUP)  # as systemd's ExecReload=kill -HUP $MAINPID
+    reloaded: dict[int, int] = {}
+
+    def both_reloaded() -> bool:
+        with connect(workers.port, ctx) as s:
+            s.sendall(request("GET", "/version"))
+            answer = Reader(s).response().json()
+        reloaded[int(answer["pid"])] = int(answer["hups"])  # type: ignore[call-overload]
+        return set(reloaded) == worker_pids and set(reloaded.values()) == {1}
+
+    wait_for(both_reloaded, what="both workers to see one SIGHUP")
+    assert workers.proc.poll() is None  # the parent is still serving
