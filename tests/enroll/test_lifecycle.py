@@ -123,8 +123,7 @@ def test_format_blank_image(env2: Env) -> None:
     st = env.state(dev)
     assert st.keyslots == {0} and st.token_slots == [{0}] and st.keys == [(0, "active")]
     assert env.vault_key_opens(dev) == [0]
-    chk = env.unlock_check()
-    assert chk[dev]["result"] == "verified"
+    assert env.boot_check(dev) == "verified"
 
 
 @pytest.mark.slow  # argon2id at cryptsetup's defaults: ~10 s to add, ~2 s per test
@@ -178,4 +177,4 @@ def test_rewrap_follows_transit_key_rotation(env2: Env, bao: DevBao) -> None:
     entry = keystore.read_entry(env.session(), env.loc(dev))
     assert entry is not None and entry.keys[0].sealed.startswith(f"vault:v{latest}:")
     assert header_digest(dev) == before
-    assert env.unlock_check()[dev]["result"] == "verified"
+    assert env.boot_check(dev) == "verified"

@@ -114,4 +114,4 @@ def test_import_keep_old_slot(env2: Env, bao: DevBao) -> None:
     assert "migrated" in res.stdout and "kept" in res.stdout
     assert env.state(a).keyslots == {0, 1}
     assert luks.test_key(a, ka.encode(), 0) is luks.KeyTest.OK
-    assert env.unlock_check()[a]["result"] == "verified"
+    assert env.boot_check(a) == "verified"
