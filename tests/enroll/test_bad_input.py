@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bootkey import enroll
 from tests.enroll.conftest import Env
+from tests.support.bao import DevBao
 from tests.support.luksimg import header_digest
 
 
@@ -227,4 +228,23 @@ def test_bad_name(env2: Env) -> None:
     res = env.bootkey("enroll", dev, "--name", "../etc", "--unlock-key-file",
                       str(env.passfile()))
     assert_refused(env, res, 64, "--name", "mapping name")
+    assert file_digest(dev) == before and no_entries(env)
+
+
+def test_kv_write_forbidden_after_seal(env2: Env, bao: DevBao) -> None:
+    """A token that may seal (transit) but not write the KV entry: the create-only write is
+    refused, nothing is left in Vault and the header is untouched."""
+    env = env2
+    encrypt = [b for b in env.bootkey("policy", "--enroll", "--host-id", env.host)
+               .stdout.split("\n\n") if "/encrypt/" in b]
+    policy = env.bootkey("policy", "--host-id", env.host).stdout + "\n" + encrypt[0]
+    root = bao.client()
+    root.sys.create_or_update_policy(f"seal-only-{env.host}", policy)
+    tok = root.auth.token.create(policies=[f"seal-only-{env.host}"], ttl="10m",
+                                 )["auth"]["client_token"]
+    dev = env.image()
+    before = file_digest(dev)
+    res = env.bootkey("enroll", dev, "--unlock-key-file", str(env.passfile()),
+                      extra_env={"VAULT_TOKEN": tok})
+    assert_refused(env, res, 77, "cannot write: permission denied")
     assert file_digest(dev) == before and no_entries(env)
