@@ -115,3 +115,25 @@ def test_import_keep_old_slot(env2: Env, bao: DevBao) -> None:
     assert env.state(a).keyslots == {0, 1}
     assert luks.test_key(a, ka.encode(), 0) is luks.KeyTest.OK
     assert env.boot_check(a) == "verified"
+
+
+def test_import_killed_then_rerun(env2: Env, bao: DevBao) -> None:
+    """SIGKILL after bootkey's key is committed but before vaultlocker's keyslot goes:
+    the volume opens either way, and a re-run removes the old keyslot."""
+    env = env2
+    root = bao.client()
+    mount = vaultlocker_mount(root, 1)
+    host = f"vx-{env.host[:8]}"
+    a, _, ka = vaultlocker_volume(env, root, mount, 1, host, name="a")
+    tok = operator_token(bao, env, mount)
+    args = ("import-vaultlocker", "--backend", mount, "--hostname", host)
+    res = env.bootkey(*args, extra_env={"VAULT_TOKEN": tok,
+                                        "BOOTKEY_TEST_KILL_AFTER": "Activate"})
+    assert res.returncode == -9
+    assert env.boot_check(a) == "verified"
+    assert luks.test_key(a, ka.encode()) is luks.KeyTest.OK
+    res = env.bootkey(*args, extra_env={"VAULT_TOKEN": tok})
+    assert res.returncode == 0, res.stderr
+    assert env.state(a).keyslots == {1} and env.state(a).keys == [(1, "active")]
+    assert luks.test_key(a, ka.encode()) is luks.KeyTest.WRONG_KEY
+    assert env.backups() == []
