@@ -578,8 +578,8 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self, device: str) -> Iterator[None]:
         """One enroll/rotate/unenroll per device at a time (flock; freed by the kernel
-        if we die). Block devices are also opened O_EXCL, as mkfs does, to refuse a
-        device that is mounted or held open by a mapping."""
+        if we die). `enroll --format` also opens a block device O_EXCL, as mkfs does
+        (check_block_device_free), to refuse one that is mounted or mapped."""
         try:
             st = os.stat(device)
         except OSError as e:
