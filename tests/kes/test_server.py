@@ -632,3 +632,16 @@ def test_handlers_may_use_asyncio_timeout_after_their_first_suspension(
         for _ in range(3):
             s.sendall(request("GET", "/x"))
             assert reader.response().status == 200
+
+
+def test_request_then_half_close_still_gets_its_answer(
+    server: ServerThread, client_ctx: ssl.SSLContext
+) -> None:
+    # Some clients send the request and shut down their write side (TCP FIN, no
+    # close_notify); the answer must still arrive, then the server closes.
+    with connect(server.port, client_ctx, ragged_eof_is_error=False) as s:
+        s.sendall(request("GET", "/version"))
+        socket.socket.shutdown(s, socket.SHUT_WR)  # ssl.SSLSocket.shutdown drops TLS
+        reader = Reader(s)
+        assert reader.response().status == 200
+        assert reader.at_eof()
