@@ -20,8 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from bootkey import keystore
+from bootkey.vault import VaultSession
 from tests.support.bao import DevBao, free_port
 from tests.support.proxy import LateProxy
+from tests.support.scan import files_under, find_key
 from tests.support.vaultenv import VaultEnv, provision
 from tests.vm import harness
 
@@ -64,7 +67,23 @@ def _script(body: str) -> tuple[bytes, int]:
 class Fleet:
     env: VaultEnv
     disks: dict[str, Path]
+    uuids: dict[str, str]
     host_toml: Path
+
+    def volume_keys(self, root_token: str) -> list[bytes]:
+        """The volume keys `bootkey enroll` put in Vault, unsealed with a root token: what
+        a leak would look like."""
+        cfg = self.env.config()
+        session = VaultSession.from_config(cfg, token=root_token)
+        out = []
+        for luks_uuid in self.uuids.values():
+            loc = keystore.location_for(cfg, harness.MACHINE_ID, luks_uuid)
+            entry = keystore.read_entry(session, loc)
+            assert entry is not None, loc.display
+            for sealed in entry.keys:
+                with keystore.unseal(session, loc, sealed) as buf:
+                    out.append(bytes(buf.view))
+        return out
 
     def crypttab(self, mode: str) -> tuple[str, str]:
         """`bootkey crypttab --mode MODE` on the host: (crypttab lines, fstab lines)."""
@@ -110,13 +129,14 @@ def enroll_fleet(bao: DevBao, workdir: Path, scenario: str, names: tuple[str, ..
     workdir.mkdir(parents=True, exist_ok=True)
     env = provision(bao.client(), workdir / "vault", host_id=harness.MACHINE_ID)
     disks: dict[str, Path] = {}
+    uuids: dict[str, str] = {}
     passphrases: dict[str, str] = {}
     for name in names:
         img = workdir / f"{name}.img"
         passphrases[name] = os.urandom(32).hex()  # the volume's pre-existing key
+        uuids[name] = str(uuid.uuid5(_UUID_NS, f"{scenario}/{name}"))
         harness.luks_disk(img, passphrases[name].encode(),
-                          {"hello.txt": f"{name} says hello\n".encode()},
-                          uuid=str(uuid.uuid5(_UUID_NS, f"{scenario}/{name}")))
+                          {"hello.txt": f"{name} says hello\n".encode()}, uuid=uuids[name])
         disks[name] = img
     host_toml = workdir / "host.toml"
     host_toml.write_text(env.toml(f'search = ["{workdir}/*.img"]\n'))
@@ -125,7 +145,7 @@ def enroll_fleet(bao: DevBao, workdir: Path, scenario: str, names: tuple[str, ..
                             "--unlock-key-file", "-", stdin=passphrases[name],
                             env={"VAULT_TOKEN": env.enroll_token})
         assert proc.returncode == 0, f"enroll {name}: {proc.stdout}{proc.stderr}"
-    return Fleet(env, disks, host_toml)
+    return Fleet(env, disks, uuids, host_toml)
 
 
 def agent_image(deb: Path, fleet: Fleet) -> Path:
@@ -187,6 +207,14 @@ def test_agent_opens_volumes_at_boot_and_a_hot_added_disk(
         assert res.text(f"{n}.txt") == f"{n} says hello\n", res.describe()
     assert res.text("agent-state.txt").strip() == "active"
     assert re.search(r"hotplug: \S+ appeared, unlocking data3", res.journal), res.describe()
+    # No volume key reached the guest's disk (every block it wrote is in the overlay), its
+    # journal or its console, in any encoding.
+    keys = fleet.volume_keys(bao.root_token)
+    assert len(keys) == len(AGENT_NAMES)
+    blobs = list(files_under(tmp_path / "vm", skip_suffixes=(".payload",)))
+    assert any(name.endswith("root.qcow2") for name, _ in blobs)
+    for k in keys:
+        assert find_key(k, blobs) == []
 
 
 # --- scenario 2: socket mode via /etc/crypttab ------------------------------------------
