@@ -807,17 +807,21 @@ def run(
     cert_source: CertSource | None = None,
     **timeouts: Unpack[Timeouts],
 ) -> None:
-    """Serve until SIGTERM or SIGINT. With `workers > 1` the parent builds the SSL context
-    and all listening sockets (SO_REUSEPORT, same port), forks one worker per socket and
-    only supervises: it forwards SIGTERM/SIGINT as SIGTERM, and if a worker dies it stops
-    the others and raises. Workers die with the parent (PR_SET_PDEATHSIG). Anything the
-    handler holds that cannot survive fork (threads, open connections) must be created
-    lazily, in the worker. `ready(port)`, if given, is called once everything listens.
-    If the caller installed a SIGHUP handler (config reload), the parent forwards SIGHUP
-    to the workers too, so that `kill -HUP <main pid>` (systemd's ExecReload) reaches the
-    processes that serve; the parent itself does not run the handler. With `cert_source`
-    each worker renews on its own (see `Server`); after a renewal the workers'
-    session-ticket keys differ, so resumption across workers is then best effort."""
+    """Serve until SIGTERM or SIGINT; call it from the main thread (signal handling, and
+    PR_SET_PDEATHSIG fires when the forking *thread* ends).
+
+    With `workers > 1` the parent builds the SSL context and all listening sockets
+    (SO_REUSEPORT, same port), forks one worker per socket and only supervises: it
+    forwards SIGTERM/SIGINT as SIGTERM, and if a worker dies it stops the others and
+    raises. Workers die with the parent (PR_SET_PDEATHSIG). Anything the handler holds
+    that cannot survive fork (threads, open connections) must be created lazily, in the
+    worker. If the caller installed a SIGHUP handler (config reload), the parent forwards
+    SIGHUP to the workers, so that `kill -HUP <main pid>` (systemd's ExecReload) reaches
+    the processes that serve; the parent itself does not run the handler.
+
+    `ready(port)`, if given, is called once everything listens. With `cert_source` each
+    worker renews on its own (see `Server`); after a renewal the workers' session-ticket
+    keys differ, so resumption across workers is then best effort."""
     if cert_source is not None:
         if not isinstance(tls, TLSConfig):
             raise ValueError("cert_source needs the initial certificate as a TLSConfig")
