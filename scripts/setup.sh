@@ -14,6 +14,8 @@ APT_PACKAGES=(
   qemu-utils            # qemu-img overlays
   busybox-static        # initramfs for VM tests, guestfwd relay
   debootstrap           # systemd guest for VM tests
+  python3-venv          # packaging/build-deb.sh builds with Debian's /usr/bin/python3,
+  python3-dev           #   compiling systemd-python against its headers
   nginx-light           # mTLS ceiling benchmark for KES
   apache2-utils         # ab -k -E
   curl
