@@ -164,7 +164,7 @@ def kernel() -> Kernel:
 # --- initramfs -------------------------------------------------------------------------
 
 
-def _module_closure(k: Kernel, names: Sequence[str]) -> list[str]:
+def module_closure(k: Kernel, names: Sequence[str]) -> list[str]:
     deps: dict[str, list[str]] = {}
     for line in (k.modules / "modules.dep").read_text().splitlines():
         mod, _, rest = line.partition(":")
@@ -198,7 +198,7 @@ def initramfs(k: Kernel) -> Path:
             if a != "busybox":  # a link named busybox over the binary breaks /init (ELOOP)
                 (w / "bin" / a).symlink_to("busybox")
         (w / "sbin/modprobe").symlink_to("../bin/busybox")
-        for m in _module_closure(k, INITRAMFS_MODULES):
+        for m in module_closure(k, INITRAMFS_MODULES):
             dst = w / "lib/modules" / k.version / m
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(k.modules / m, dst)
