@@ -612,6 +612,36 @@ def in_process(n: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def idle_memory(files: Files, port: int, pid: int, n: int) -> float:
+    """RSS the server grows by per idle keep-alive TLS connection (kB), after one request
+    on each, as MinIO's idle pool leaves them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 512)), hard))
+    ctx = ssl.create_default_context(cafile=str(files.path("ca.pem")))
+    ctx.load_cert_chain(str(files.path("client.pem")))
+    held: list[ssl.SSLSocket] = []
+    req = b"POST /v1/status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+
+    def open_more(k: int) -> None:
+        for _ in range(k):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                                server_hostname="127.0.0.1")
+            s.sendall(req)
+            s.recv(65536)
+            held.append(s)
+
+    try:
+        open_more(20)
+        before = rss_bytes(pid)
+        open_more(n)
+        return (rss_bytes(pid) - before) / n / 1024
+    finally:
+        for s in held:
+            s.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny runs: checks that it all works")
@@ -673,6 +703,10 @@ def main(argv: list[str] | None = None) -> int:
                     proc.wait(30)
                 results.memory[f"bootkey-{w}"] = {"rss_before_mib": rss0 / 2**20,
                                                   "rss_after_mib": rss_bytes(proc.pid) / 2**20}
+                if w == 1:
+                    kb = idle_memory(files, port, proc.pid, 100 if a.quick else 1000)
+                    results.memory["idle_connection_kb"] = round(kb, 1)
+                    print(f"  idle keep-alive connection: {kb:.1f} kB of server RSS", flush=True)
         if not a.no_nginx and not a.long:
             for w in workers:
                 with nginx(files, w) as (proc, port):
