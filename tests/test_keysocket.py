@@ -37,6 +37,7 @@ from bootkey.keysocket import (
 )
 from bootkey.secret import SecretBuffer
 from tests.support.luksimg import make_image
+from tests.support.wait import wait_for
 
 ROOT = PeerCred(pid=1234, uid=0, gid=0)
 # Binary on purpose: a newline, a NUL and high bytes must arrive verbatim.
@@ -59,14 +60,6 @@ def systemd_client(path: Path | str, volume: str, *, phase: str = "cryptsetup",
         return out
     finally:
         s.close()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
 
 
 class Provider:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from kes.http import Request, Response
 from kes.tls import TLSConfig
 from tests.support.certs import Issued, make_ca, make_leaf
+from tests.support.wait import wait_for  # noqa: F401 - used by the transport tests
 
 
 @dataclass
@@ -188,11 +188,3 @@ def request(method: str, path: str, body: bytes = b"", headers: str = "") -> byt
     if body or method in ("POST", "PUT"):
         head += f"Content-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)

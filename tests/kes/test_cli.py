@@ -22,6 +22,7 @@ from kes.identity import of_certificate
 from tests.kes.server_util import Pki
 from tests.support.bao import DevBao, free_port
 from tests.support.certs import make_leaf
+from tests.support.wait import wait_for
 
 
 def test_identity_of(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -214,10 +215,7 @@ keystore:
             assert status() == 403
             write(f'"{ident}"')
             proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while status() != 200 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert status() == 200
+            wait_for(lambda: status() == 200, what="the reloaded policy to apply")
             assert proc.poll() is None  # SIGHUP reloads, it does not stop the server
         finally:
             proc.send_signal(signal.SIGTERM)

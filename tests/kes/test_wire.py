@@ -15,7 +15,6 @@ import logging
 import shutil
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from kes.server import ServerThread
 from tests.kes.server_util import Pki
 from tests.support.bao import DevBao
 from tests.support.certs import Issued, make_leaf
+from tests.support.wait import wait_for
 
 ADMIN_KIND = "ec"
 MINIO_CTX = b'{"my-bucket":"my-bucket/my-object"}'
@@ -237,20 +237,13 @@ def test_vault_down_then_back(env: Env) -> None:
         # connection refused is "unavailable" (502) until the 10 s probe (here 0.2 s)
         # marks the store offline; then "not reachable" (504), as KES (§8.4).
         assert env.call("admin", "GET", "/v1/ready")[0] in (502, 504)
-        deadline = time.monotonic() + 10
-        while not env.svc.keyring.offline and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: env.svc.keyring.offline, what="the probe to mark the store offline")
         assert env.call("admin", "GET", "/v1/ready")[2] == (
             b'{"message":"key store is not reachable"\n}')
     finally:
         env.bao.start()  # same port and token; dev storage starts empty
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        st = env.json("ec", "GET", "/v1/status")
-        if "keystore_latency" in st:
-            break
-        time.sleep(0.05)
-    assert "keystore_latency" in st, st
+    wait_for(lambda: "keystore_latency" in env.json("ec", "GET", "/v1/status"), timeout=20,
+             what="status to report the keystore again", interval=0.05)
     assert env.call("ec", "POST", "/v1/key/create/minio-after")[0] == 200
     assert env.call("admin", "GET", "/v1/ready")[:2] == (200, "")
 
@@ -261,9 +254,7 @@ def test_log_streams_over_the_wire(env: Env) -> None:
     conn.request("GET", "/v1/log/audit")
     r = conn.getresponse()
     assert r.status == 200 and r.getheader("Content-Type") == "application/x-ndjson"
-    deadline = time.monotonic() + 10
-    while env.svc.api.audit_hub.subscribers == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: env.svc.api.audit_hub.subscribers > 0, what="the audit subscriber")
     env.call("ec", "POST", "/v1/key/generate/minio-default-ec", b"{}")
     line = json.loads(r.readline())
     assert line["request"]["path"] == "/v1/key/generate/minio-default-ec"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import requests
 
 from bootkey.demo import bao_binary
 from tests.support.certs import make_ca, make_leaf
+from tests.support.wait import wait_for
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -41,16 +41,16 @@ def free_port() -> int:
 def _wait_http(url: str, proc: subprocess.Popen[bytes], verify: Any = True,
                limit: float = 20.0) -> None:
     """Poll `url` until the server answers at all (any status)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"bao exited with {proc.returncode} before listening")
         try:
             requests.get(url, timeout=1, verify=verify)
-            return
         except requests.RequestException:
-            time.sleep(0.02)
-    raise RuntimeError(f"bao did not answer on {url} within {limit} s")
+            return False
+        return True
+
+    wait_for(answers, timeout=limit, what=f"bao to answer on {url}", interval=0.02)
 
 
 @dataclass
@@ -154,17 +154,14 @@ disable_mlock = true
         c = self.client()
         for k in self.unseal_keys:
             c.sys.submit_unseal_key(k)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def active() -> bool:
             try:
-                r = requests.get(self.address + "/v1/sys/health", verify=str(self.ca_file),
-                                 timeout=2)
-                if r.status_code == 200:
-                    return
+                return requests.get(self.address + "/v1/sys/health", verify=str(self.ca_file),
+                                    timeout=2).status_code == 200
             except requests.RequestException:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError("bao did not become active after unseal")
+                return False
+
+        wait_for(active, what="bao to become active after unseal", interval=0.02)
 
     def seal(self) -> None:
         self.client().sys.seal()
