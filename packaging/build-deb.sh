@@ -168,7 +168,8 @@ exit 0
 EOF
 chmod 0755 "$W/root/DEBIAN/postinst" "$W/root/DEBIAN/prerm" "$W/root/DEBIAN/postrm"
 
-(cd "$W/root" && find . -path ./DEBIAN -prune -o -type f -print0 | LC_ALL=C sort -z \
+# conffiles are left out, as dh_md5sums does: dpkg keeps their hashes itself.
+(cd "$W/root" && find . \( -path ./DEBIAN -o -path ./etc \) -prune -o -type f -print0 | LC_ALL=C sort -z \
   | xargs -0 md5sum | sed 's| \./| |') > "$W/root/DEBIAN/md5sums"
 
 # --- build ----------------------------------------------------------------------------
