@@ -4,6 +4,7 @@ disk made on the host with real dm-crypt (which the host kernel lacks)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,11 @@ SMOKE = """#!/bin/sh
 out=$1
 set -x
 bootkey --version > "$out/version.txt"
+dpkg-query -W -f '${Status}' bootkey > "$out/dpkg-status.txt"
+# The shipped units, checked where they are installed (real paths, real systemd).
+rc=0; systemd-analyze verify bootkey.service bootkey-cryptsetup.socket \
+  > "$out/verify.txt" 2>&1 || rc=$?; echo $rc > "$out/verify.rc"
+systemd-analyze security --no-pager bootkey.service > "$out/security.txt" 2>&1 || true
 cryptsetup open --key-file /vmtest/disk.key /dev/disk/by-id/virtio-data1 data1
 mkdir -p /mnt/data1 && mount /dev/mapper/data1 /mnt/data1
 cp /mnt/data1/hello.txt "$out/hello.txt"
@@ -43,3 +49,9 @@ def test_guest_boots_runs_packaged_bootkey_and_opens_a_host_made_luks2_disk(
     assert res.text("version.txt").strip() == f"bootkey {__version__}"
     assert res.text("hello.txt") == "hello from the host\n"
     assert "VMTEST: done rc=0" in res.console
+    assert res.text("dpkg-status.txt") == "install ok installed"
+    assert res.text("verify.rc").strip() == "0", res.text("verify.txt")
+    exposure = re.search(r"Overall exposure level for bootkey\.service: (\d+\.\d+)",
+                         res.text("security.txt"))
+    assert exposure, res.text("security.txt")
+    print(f"VM-SECURITY bootkey.service exposure {exposure.group(1)} (in the guest)")
