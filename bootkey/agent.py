@@ -138,6 +138,9 @@ class Agent:
     session: VaultSession | None = None
     results: dict[str, VolumeResult] = field(default_factory=dict)
     logged_in: threading.Event = field(default_factory=threading.Event)
+    ready: threading.Event = field(default_factory=threading.Event)
+    _initial_done: threading.Event = field(default_factory=threading.Event)
+    _deferred: list[str] = field(default_factory=list)
     _volumes: dict[str, Volume] = field(default_factory=dict)
     _volumes_at: float = 0.0
     _volumes_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -181,8 +184,12 @@ class Agent:
     def on_luks_device(self, devnode: str) -> None:
         """Hotplug: unlock `devnode` if it is ours (token for this host, or configured).
         Opening is idempotent, so duplicate udev events cost a header read."""
-        if not self.logged_in.is_set():
-            return  # the start-up pass resolves every device anyway
+        with self._volumes_lock:
+            if not self._initial_done.is_set():
+                # the first unlock round is running: it handles what it resolved, and
+                # the rest is looked at right after it (no racing duplicate opens)
+                self._deferred.append(devnode)
+                return
         try:
             hdr = luks.inspect(devnode)
         except BootkeyError:
@@ -205,6 +212,28 @@ class Agent:
         with self._volumes_lock:
             self._volumes_at = 0.0  # re-resolve on next use
         self.notifier.status(self.summary())
+
+    def _initial_round_done(self) -> None:
+        with self._volumes_lock:
+            self._initial_done.set()
+            deferred, self._deferred = list(dict.fromkeys(self._deferred)), []
+        for devnode in deferred:
+            self.on_luks_device(devnode)
+
+    def _report_ready(self, status: str) -> None:
+        with self._volumes_lock:
+            if self.ready.is_set():
+                self.notifier.status(status)
+                return
+            self.ready.set()
+        self.notifier.ready(status)
+        log.info("ready: %s", status)
+
+    def _ready_at_the_latest(self, seconds: float) -> None:
+        if self.stop_event.wait(seconds) or self.ready.is_set():
+            return
+        self._report_ready(f"{self.notifier.last_status or 'starting'} (boot goes on; "
+                           "volumes open when Vault answers)")
 
     # ---- waiting that SIGTERM interrupts -----------------------------------------
 
@@ -299,6 +328,8 @@ class Agent:
         if interval:
             threading.Thread(target=self._watchdog, args=(interval,), daemon=True,
                              name="watchdog").start()
+        threading.Thread(target=self._ready_at_the_latest, args=(self.cfg.unlock.ready_timeout,),
+                         daemon=True, name="ready-timeout").start()
         started: list[Component] = []
         try:
             deadline_at = time.monotonic() + self.cfg.unlock.deadline
@@ -314,10 +345,10 @@ class Agent:
                 for r in failed:
                     self.results[r.name] = r
                 self._unlock(volumes, deadline_at)
+                self._initial_round_done()
             status = self.summary() if self.cfg.unlock.mode == "agent" else \
                 "serving keys to systemd-cryptsetup"
-            self.notifier.ready(status)
-            log.info("ready: %s", status)
+            self._report_ready(status)
             self._renew_loop()
         except Interrupted:
             pass

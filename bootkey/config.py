@@ -135,6 +135,10 @@ class UnlockConfig(_Model):
     # agent: `bootkey agent` opens the volumes itself. socket: systemd-cryptsetup opens
     # them and asks the agent for each key on the key socket.
     mode: Literal["agent", "socket"] = "agent"
+    # Type=notify: READY=1 goes out when the first unlock round is done, or after this
+    # long at the latest, so a Vault outage never holds boot; the agent keeps retrying
+    # until `deadline` and mounts follow their devices whenever they open.
+    ready_timeout: Duration = 30.0
 
 
 class VolumeConfig(_Model):

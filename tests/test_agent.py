@@ -81,16 +81,24 @@ def test_ready_status_watchdog_stopping_and_hardening(vault_env2: VaultEnv, tmp_
 
 def test_vault_absent_at_start_then_appears(vault_env2: VaultEnv, tmp_path: Path,
                                             notify: NotifyListener) -> None:
+    """Boot must not wait for Vault: READY=1 goes out after `ready_timeout` with a status
+    that says what is missing; the agent keeps retrying and unlocks when Vault appears."""
     port = free_port()
     cfg_file = two_volumes(vault_env2, tmp_path, address=f"http://127.0.0.1:{port}")
+    cfg_file.write_text(cfg_file.read_text().replace("[unlock]\n",
+                                                     '[unlock]\nready_timeout = "1s"\n'))
     proc = start_agent(cfg_file, notify)
     proxy = LateProxy(port, ("127.0.0.1", int(vault_env2.address.rsplit(":", 1)[1])))
     try:
-        notify.wait_for(lambda m: m.startswith("STATUS=waiting for Vault: attempt 2"))
+        notify.wait_for(lambda m: m == "READY=1")
+        ready_status = notify.wait_for(lambda m: m.startswith("STATUS=waiting for Vault")
+                                       and "boot goes on" in m)
+        assert "volumes verified" not in " ".join(notify.messages)
+        assert ready_status.startswith("STATUS=waiting for Vault: attempt ")
         assert proc.poll() is None
         proxy.start()
-        notify.wait_for(lambda m: m == "READY=1")
-        assert "STATUS=2/2 volumes verified" in notify.messages
+        notify.wait_for(lambda m: m == "STATUS=2/2 volumes verified")
+        assert notify.messages.count("READY=1") == 1
     finally:
         rc, err = stop(proc)
         proxy.stop()
