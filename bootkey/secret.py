@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import resource
+import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 MCL_CURRENT, MCL_FUTURE = 1, 2
+THREAD_STACK = 1 << 20
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
 _MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18)
 
@@ -167,6 +169,10 @@ def harden_process(*, require_mlock: bool = False) -> Hardening:
     err: str | None = None
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE) == 0:
         _mlockall_done = True
+        # MCL_FUTURE locks (and so faults in) every new thread's whole stack: glibc's
+        # default 8 MiB made each unlock worker cost ~5 ms to start. 1 MiB is ample for
+        # Python threads (3.11 keeps Python frames off the C stack).
+        threading.stack_size(THREAD_STACK)
     else:
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         err = (
