@@ -94,6 +94,13 @@ class RequestParser:
         self._http10 = False
         self._received_ns = 0
 
+    def release(self) -> None:
+        """Drop the httptools parser, which refers back to this object: the connection is
+        gone, and without the cycle both are freed at once instead of by the cyclic GC."""
+        self.state = State.DEAD
+        self._parser = None  # type: ignore[assignment]
+        self._events = []
+
     def feed(self, data: bytes) -> list[Event]:
         if self.state is State.DEAD:
             return []

@@ -207,6 +207,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._server.connections.discard(self)
+        if self._parser is not None:
+            self._parser.release()
         if self._task is not None:
             self._task.cancel()
         if self._drain is not None and not self._drain.done():
