@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
     from bootkey.config import Config as BootkeyConfig
     from kes.config import KesConfig
+    from kes.service import Service
+    from kes.tls import CertSource
 
 HELP = """\
 KES endpoint for MinIO (SSE-S3/SSE-KMS), with master keys in Vault.
@@ -180,7 +182,7 @@ def run_vault_policy(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from bootkey import secret
-    from kes import server, service
+    from kes import service
     from kes.config import host_port
 
     # Before any key exists: lock memory (warns if refused), no core dumps, no ptrace.
@@ -224,16 +226,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                                  "configuration: %s", e)
     signal.signal(signal.SIGHUP, reload)
     svc.create_configured_keys()
-    try:
-        server.run(svc.handler, svc.tls, svc.host, svc.port, svc.workers,
-                   cert_source=svc.cert_source,
-                   ready=lambda port: print(f"kes: listening on {svc.host}:{port}",
-                                            file=sys.stderr, flush=True))
-    except OSError as e:
-        raise ConfigError(f"kes: cannot listen on {svc.host}:{svc.port}: {e.strerror}") from None
-    finally:
-        svc.close()
-    return 0
+    return _serve(svc, svc.workers, svc.cert_source)
 
 
 def _serve_dev(args: argparse.Namespace) -> int:
@@ -242,7 +235,7 @@ def _serve_dev(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
 
     from kes import config as kconf
-    from kes import server, service
+    from kes import service
     from kes.apikey import APIKey
     from kes.keyring import MemKeyStore
     from kes.tls import TLSConfig
@@ -262,15 +255,7 @@ def _serve_dev(args: argparse.Namespace) -> int:
     print("  server certificate (give it to clients, e.g. MINIO_KMS_KES_CAPATH):",
           file=sys.stderr)
     print(cert_pem.decode(), file=sys.stderr, flush=True)
-    try:
-        server.run(svc.handler, svc.tls, svc.host, svc.port, 1,
-                   ready=lambda port: print(f"kes: listening on {svc.host}:{port}",
-                                            file=sys.stderr, flush=True))
-    except OSError as e:
-        raise ConfigError(f"kes: cannot listen on {svc.host}:{svc.port}: {e.strerror}") from None
-    finally:
-        svc.close()
-    return 0
+    return _serve(svc, 1, None)
 
 
 def _self_signed(pk: Ed25519PrivateKey, cn: str, ips: list[str], dns: list[str], days: int,
@@ -299,3 +284,19 @@ def _self_signed(pk: Ed25519PrivateKey, cn: str, ips: list[str], dns: list[str],
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return b.sign(pk, None)
+
+
+def _serve(svc: Service, workers: int, cert_source: CertSource | None) -> int:
+    """Run the server until SIGTERM; a port in use is a config error, not a traceback."""
+    from kes import server
+
+    try:
+        server.run(svc.handler, svc.tls, svc.host, svc.port, workers,
+                   cert_source=cert_source,
+                   ready=lambda port: print(f"kes: listening on {svc.host}:{port}",
+                                            file=sys.stderr, flush=True))
+    except OSError as e:
+        raise ConfigError(f"kes: cannot listen on {svc.host}:{svc.port}: {e.strerror}") from None
+    finally:
+        svc.close()
+    return 0
