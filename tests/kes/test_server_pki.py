@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
 import hvac
@@ -18,31 +16,14 @@ from kes.tls import VaultPKI, renewal_delay
 from tests.kes.server_util import Reader, Recorder, connect, request, wait_for
 from tests.support.bao import DevBao
 from tests.support.certs import make_leaf
+from tests.support.pki import VaultPki, enable_pki
 
-
-@dataclass
-class Pki:
-    root: hvac.Client
-    mount: str
-    role: str
-    ca_file: Path
+Pki = VaultPki
 
 
 @pytest.fixture
 def vault_pki(bao: DevBao, tmp_path: Path) -> Pki:
-    root = bao.client()
-    mount = f"pki-{secrets.token_hex(4)}"
-    root.sys.enable_secrets_engine("pki", path=mount, config={"max_lease_ttl": "24h"})
-    ca = root.secrets.pki.generate_root("internal", "bootkey test root", mount_point=mount)
-    root.secrets.pki.create_or_update_role(
-        "kes", mount_point=mount,
-        extra_params={"allow_localhost": True, "allowed_domains": ["localhost"],
-                      "allow_bare_domains": True, "allow_ip_sans": True, "max_ttl": "1h",
-                      "not_before_duration": "1s", "key_type": "ec", "key_bits": 256},
-    )
-    ca_file = tmp_path / "vault-ca.pem"
-    ca_file.write_text(ca["data"]["certificate"])
-    return Pki(root, mount, "kes", ca_file)
+    return enable_pki(bao.client(), tmp_path)
 
 
 def _client(pki: Pki, tmp_path: Path) -> ssl.SSLContext:

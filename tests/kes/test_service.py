@@ -19,6 +19,7 @@ from kes.keyring import MemKeyStore
 from kes.server import ServerThread
 from tests.kes.server_util import Pki
 from tests.support.certs import Issued, make_leaf
+from tests.support.pki import enable_pki
 
 
 def _section(pki: Pki, tmp: Path, **extra: Any) -> dict[str, Any]:
@@ -181,15 +182,5 @@ def test_server_certificate_from_vault_pki_config(bao_pki: tuple[Any, str, Path]
 
 @pytest.fixture
 def bao_pki(bao: Any, tmp_path: Path) -> tuple[Any, str, Path]:
-    import secrets
-    root = bao.client()
-    mount = f"pki-{secrets.token_hex(4)}"
-    root.sys.enable_secrets_engine("pki", path=mount, config={"max_lease_ttl": "24h"})
-    ca = root.secrets.pki.generate_root("internal", "bootkey test root", mount_point=mount)
-    root.secrets.pki.create_or_update_role(
-        "kes", mount_point=mount,
-        extra_params={"allow_localhost": True, "allowed_domains": ["localhost"],
-                      "allow_bare_domains": True, "allow_ip_sans": True, "max_ttl": "1h"})
-    ca_file = tmp_path / "vault-ca.pem"
-    ca_file.write_text(ca["data"]["certificate"])
-    return bao, mount, ca_file
+    pki = enable_pki(bao.client(), tmp_path)
+    return bao, pki.mount, pki.ca_file
