@@ -154,31 +154,27 @@ def resolve_volumes(cfg: Config, host_id: str | None = None,
     host = host_id or cfg.resolved_host_id()
     volumes: list[Volume] = []
     failed: list[VolumeResult] = []
-    seen_uuids: set[str] = set()
+    # (header, its [[volume]] entry or None); configured ones first, so they win a UUID
+    found: list[tuple[luks.Header, VolumeConfig | None]] = []
     for vc in cfg.volume:
         try:
-            dev = luks.resolve_device(vc.device)
-            hdr = luks.inspect(dev)
+            found.append((luks.inspect(luks.resolve_device(vc.device)), vc))
         except BootkeyError as e:
             failed.append(VolumeResult(vc.name, vc.device, Outcome.FAILED, reason=str(e),
                                        exit_code=e.exit_code, error=e))
-            continue
-        vol = volume_from_header(hdr, cfg, host, vc)
-        if vol:
-            volumes.append(vol)
-            seen_uuids.add(vol.luks_uuid)
     if scan:
         luks2 = [d for d in candidate_devices(cfg.unlock.search) if luks.probe_magic(d) == 2]
         with ThreadPoolExecutor(max_workers=max(1, min(cfg.unlock.parallel, len(luks2))),
                                 thread_name_prefix="scan") as pool:
-            headers = list(pool.map(_inspect_or_none, luks2))
-        for found in headers:
-            if found is None or found.uuid in seen_uuids:
-                continue
-            vol = volume_from_header(found, cfg, host, None)
-            if vol:
-                volumes.append(vol)
-                seen_uuids.add(vol.luks_uuid)
+            found += [(h, None) for h in pool.map(_inspect_or_none, luks2) if h is not None]
+    seen_uuids: set[str] = set()
+    for hdr, entry in found:
+        if entry is None and hdr.uuid in seen_uuids:  # scanned again: configured already
+            continue
+        vol = volume_from_header(hdr, cfg, host, entry)
+        if vol:
+            volumes.append(vol)
+            seen_uuids.add(vol.luks_uuid)
     if names:
         wanted = set(names)
         chosen = [v for v in volumes if v.name in wanted or v.device in wanted]
