@@ -14,7 +14,6 @@ used instead; they carry no ID_FS_TYPE, so the filter reads the LUKS magic itsel
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bootkey import luks
+from bootkey._wakeup import stop_thread
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,8 @@ class HotplugWatcher:
     def stop(self) -> None:
         if self._thread is None:
             return
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        self._thread.join(timeout=5)
+        stop_thread(self._thread, self._wake_r, self._wake_w)
         self._thread = None
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
         self._monitor = None
 
     def __enter__(self) -> HotplugWatcher:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from bootkey._wakeup import stop_thread
 from bootkey.config import KeysocketConfig
 from bootkey.errors import ConfigError
 from bootkey.secret import SecretBuffer
@@ -275,13 +276,8 @@ class KeySocketServer:
         their own, within their deadline."""
         self._stopping.set()
         if self._thread is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
-            self._thread.join(timeout=5)
+            stop_thread(self._thread, self._wake_r, self._wake_w)
             self._thread = None
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
         if self._links_dir is not None:
             remove_key_links(self.listening_path, self._links_dir)
             self._links_dir = None
