@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
@@ -34,7 +34,9 @@ class State(enum.Enum):
     DEAD = "dead"  # a BadRequest was returned; feed nothing more
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, which made
+# these two objects cost more than the rest of the request framing together.
+@dataclass(slots=True)
 class Parsed:
     request: Request
     keep_alive: bool  # HTTP/1.1 without `Connection: close`, or HTTP/1.0 with keep-alive
@@ -57,9 +59,51 @@ class BadRequest:
 Event = Parsed | Continue | BadRequest
 
 
+class Headers(Mapping[str, str]):
+    """Request headers with lower-case names, decoded on first use: the KES API reads
+    none on the per-object routes, so most requests never pay for the decoding.
+    A repeated name reads as its values joined by ", ", as Go's `Header.Get` sees them."""
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _dict(self) -> dict[str, str]:
+        decoded = self._decoded
+        if decoded is None:
+            decoded = self._decoded = {}
+            # Header bytes are latin-1 per RFC 9110 §5.5.
+            for n, v in self._raw:
+                key, text = n.decode("latin-1").lower(), v.decode("latin-1")
+                old = decoded.get(key)
+                decoded[key] = text if old is None else f"{old}, {text}"
+        return decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._dict()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+    def __repr__(self) -> str:
+        return f"Headers({self._dict()!r})"
+
+
+# Methods come as bytes; decoding the usual ones once saves a call per request.
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+
+
 class RequestParser:
     """One per connection. Identity, certificate and remote address are fixed at the TLS
-    handshake and copied into every request."""
+    handshake and copied into every request.
+
+    Every httptools callback below runs once or more per request: they do the least they
+    can (appending), and the head-size limit is checked per fed chunk, not per header."""
 
     def __init__(
         self,
@@ -79,14 +123,14 @@ class RequestParser:
         self._clock = clock
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
+        self._chunk = 0  # size of the chunk being fed
+        self._head_bytes = 0  # bytes fed while the current head was incomplete
         self.state = State.IDLE
         self._reset()
 
     def _reset(self) -> None:
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._headers: dict[str, str] = {}
-        self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
         self._too_large = False
@@ -105,6 +149,7 @@ class RequestParser:
         if self.state is State.DEAD:
             return []
         events = self._events = []
+        self._chunk = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -117,6 +162,11 @@ class RequestParser:
                 self._die(431, "request head exceeds limit")
             else:
                 self._die(400, str(exc.__context__ or exc) or type(exc).__name__)
+        else:
+            if self.state is State.HEADERS:  # the head is still incomplete
+                self._head_bytes += len(data)
+                if self._head_bytes > self._max_header_bytes:
+                    self._die(431, "request head exceeds limit")
         return events
 
     def _die(self, status: int, detail: str) -> None:
@@ -130,34 +180,28 @@ class RequestParser:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._header_bytes += len(url)
-        if self._header_bytes > self._max_header_bytes:
-            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The hot path of every request: collect raw pairs, decode them once at the end.
         self._raw_headers.append((name, value))
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > self._max_header_bytes:
-            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         self._received_ns = self._clock()
-        # Header bytes are latin-1 per RFC 9110 §5.5; lower-cased names as kes/http.py promises.
         raw = self._raw_headers
-        headers = self._headers = {n.decode("latin-1").lower(): v.decode("latin-1")
-                                   for n, v in raw}
-        if len(headers) != len(raw):  # a repeated name: join the values, as Go's Header.Get sees
-            headers.clear()
-            for n, v in raw:
-                key, text = n.decode("latin-1").lower(), v.decode("latin-1")
-                old = headers.get(key)
-                headers[key] = text if old is None else f"{old}, {text}"
-        self._keep_alive = self._parser.should_keep_alive()
-        self._http10 = self._parser.get_http_version() == "1.0"
+        if self._head_bytes + self._chunk > self._max_header_bytes:
+            # The head may have come whole in one big chunk: measure it.
+            size = len(self._url) + sum(len(n) + len(v) for n, v in raw)
+            if self._head_bytes + size > self._max_header_bytes:
+                raise _HeadTooLarge
+        self._head_bytes = 0
+        parser = self._parser
+        self._keep_alive = parser.should_keep_alive()
+        self._http10 = http10 = parser.get_http_version() == "1.0"
         self.state = State.BODY
-        if not self._http10 and headers.get("expect", "").lower() == "100-continue":
-            self._events.append(Continue())
+        if not http10:
+            for n, v in raw:
+                if len(n) == 6 and n.lower() == b"expect" and v.strip().lower() == b"100-continue":
+                    self._events.append(Continue())
+                    break
 
     def on_body(self, body: bytes) -> None:
         if self._too_large:
@@ -171,22 +215,15 @@ class RequestParser:
             self._body_len += len(body)
 
     def on_message_complete(self) -> None:
-        method = self._parser.get_method().decode("ascii")
+        raw_method = self._parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
         path = _decode_path(self._url)
         if path is None:
             raise httptools.HttpParserInvalidURLError("invalid request target")
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        request = Request(
-            method=method,
-            path=path,
-            headers=self._headers,
-            body=body,
-            identity=self._identity,
-            peer_cert=self._peer_cert,
-            remote=self._remote,
-            body_too_large=self._too_large,
-            received_ns=self._received_ns,
-        )
+        chunks = self._body
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        request = Request(method, path, Headers(self._raw_headers), body, self._identity,
+                          self._peer_cert, self._remote, self._too_large, self._received_ns)
         self._events.append(Parsed(request, self._keep_alive, self._http10))
         self._reset()
         self.state = State.IDLE

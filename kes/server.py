@@ -1,18 +1,18 @@
-"""The KES transport: mTLS + HTTP/1.1 on asyncio, TLS through pyOpenSSL memory BIOs.
+"""The KES transport: mTLS + HTTP/1.1 on asyncio, TLS through OpenSSL memory BIOs.
 
-One `_Connection` (an `asyncio.Protocol`) per client owns an `SSL.Connection` with memory
-BIOs: ciphertext from the socket is written into OpenSSL, plaintext read out of it is fed
-to the sans-I/O `kes.http1.RequestParser`, and every time OpenSSL is called its outgoing
+One `_Connection` (an `asyncio.Protocol`) per client owns a `kes.tlsbio.Session`:
+ciphertext from the socket is written into OpenSSL, plaintext read out of it is fed to
+the sans-I/O `kes.http1.RequestParser`, and every time OpenSSL is called its outgoing
 BIO is drained to the socket (KES-TLS-STACKS.md pitfall 1: a missed flush hangs a
 handshake or swallows an alert). The identity is computed once, at the handshake.
 
-Handlers run eagerly: a handler that finishes without suspending (the usual cached-key
-generate/decrypt) is answered within the same `data_received` call, with no extra loop
-iteration (measured: 15-30 % of the server's CPU per request); one that suspends is
-carried on by a Task from where it stopped. On Python >= 3.12 that is asyncio's own
-eager Task. On 3.11 the first step runs outside any Task, so a handler must not call
-`asyncio.timeout()`, `asyncio.TaskGroup()` or `asyncio.current_task()` before its first
-`await` that really suspends (`asyncio.wait_for` is fine); doing so fails loudly (500).
+Handlers run eagerly: the handler coroutine's first step runs inside `data_received`,
+and one that finishes without suspending (the usual cached-key generate/decrypt) is
+answered there, with no Task and no extra loop iteration; one that suspends is carried
+on by a Task from where it stopped. That first step runs outside any Task, so a handler
+must not call `asyncio.timeout()`, `asyncio.TaskGroup()` or `asyncio.current_task()`
+before its first `await` that really suspends (`asyncio.wait_for` is fine); doing so
+fails loudly (500).
 
 Timeouts follow KES (read-header 5 s, idle 90 s) plus a handshake and a body timeout; they
 are checked by one sweep per server instead of a timer per request.
@@ -32,7 +32,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
@@ -43,7 +42,7 @@ from typing import Any, TypedDict, Unpack, cast
 from OpenSSL import SSL
 
 from bootkey.errors import BootkeyError
-from kes import http1
+from kes import http1, tlsbio
 from kes.http import MAX_BODY, Handler, Response
 from kes.identity import of_certificate
 from kes.tls import CertSource, TLSConfig, build_context, renewal_delay
@@ -64,11 +63,6 @@ RENEW_MIN_INTERVAL = 1.0  # never renew in a tight loop, whatever lifetime the i
 # client pipelining without reading responses cannot make us queue without bound.
 MAX_PIPELINED = 32
 _BATCH_BYTES = 256 * 1024  # output per _serve_pending round before yielding to the loop
-# pyOpenSSL allocates a buffer of the requested size on every recv/bio_read call, so ask
-# for no more than one call can return: SSL_read yields at most one record (16 KiB of
-# plaintext); a BIO read loops when 64 KiB of ciphertext were not all there was.
-_RECV_SIZE = 16 * 1024
-_BIO_READ_SIZE = 64 * 1024
 _INTERNAL_ERROR = b'{"message":"internal server error"}\n'
 
 
@@ -104,18 +98,18 @@ _date = _Date()
 
 
 class _Resume:
-    """Awaitable that continues a coroutine which already ran up to its first suspension
-    (`first`, the future it is waiting on) outside any Task. Sending and throwing are
-    passed through, so a Task awaiting this behaves as if it had run the coroutine from
-    the start (cancellation included)."""
+    """Awaitable that continues a handler coroutine which already ran up to its first
+    suspension (`first`, the future it is waiting on) outside any Task. Sending and
+    throwing are passed through, so a Task awaiting this behaves as if it had run the
+    coroutine from the start (cancellation included)."""
 
     __slots__ = ("_coro", "_first")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Response], first: Any) -> None:
         self._coro = coro
         self._first = first
 
-    def __await__(self) -> Generator[Any, Any, None]:
+    def __await__(self) -> Generator[Any, Any, Response]:
         coro, pending = self._coro, self._first
         while True:
             try:
@@ -123,25 +117,20 @@ class _Resume:
             except BaseException as exc:  # forwarded into the coroutine
                 try:
                     pending = coro.throw(exc)
-                except StopIteration:
-                    return
+                except StopIteration as done:
+                    return cast(Response, done.value)
             else:
                 try:
                     pending = coro.send(value)
-                except StopIteration:
-                    return
-
-
-async def _resume(coro: Coroutine[Any, Any, None], first: Any) -> None:
-    await _Resume(coro, first)
+                except StopIteration as done:
+                    return cast(Response, done.value)
 
 
 class _Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = server.loop
-        self._tls = SSL.Connection(server.context, None)
-        self._tls.set_accept_state()
+        self._tls = tlsbio.Session(server.context, server.scratch)
         self._transport: asyncio.Transport | None = None
         self._parser: http1.RequestParser | None = None  # created at the handshake
         self._pending: collections.deque[http1.Event] = collections.deque()
@@ -179,8 +168,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        tls = self._tls
-        tls.bio_write(data)
+        self._tls.feed(data)
         if self._parser is None and (not self._handshake() or self._closed):
             return
         self._pump_in()
@@ -220,17 +208,17 @@ class _Connection(asyncio.Protocol):
     def _handshake(self) -> bool:
         tls = self._tls
         try:
-            tls.do_handshake()
-        except SSL.WantReadError:
-            self._flush()
-            return False
+            done = tls.handshake()
         except SSL.Error as exc:
             # Missing/unacceptable certificate, bad version, garbage: send the alert first.
             log.debug("kes: TLS handshake with %s failed: %s", self.remote, exc)
             self._flush()
             self._abort_after_flush()
             return False
-        cert = tls.get_peer_certificate(as_cryptography=True)
+        if not done:
+            self._flush()
+            return False
+        cert = tls.conn.get_peer_certificate(as_cryptography=True)
         self._parser = http1.RequestParser(
             identity=of_certificate(cert) if cert is not None else None,
             peer_cert=cert,
@@ -247,17 +235,16 @@ class _Connection(asyncio.Protocol):
         assert parser is not None  # noqa: S101 - only called after the handshake
         while len(pending) < MAX_PIPELINED:
             try:
-                plain = tls.recv(_RECV_SIZE)
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:  # close_notify
-                self._on_peer_closed()
-                break
+                plain = tls.read()
             except SSL.Error as exc:
                 log.debug("kes: TLS error from %s: %s", self.remote, exc)
                 self._flush()
                 self._abort_after_flush()
                 return
+            if not plain:
+                if plain is None:  # close_notify
+                    self._on_peer_closed()
+                break
             events = parser.feed(plain)
             if events:
                 pending.extend(events)
@@ -274,21 +261,15 @@ class _Connection(asyncio.Protocol):
         was sent (`_dirty`), which saves an empty BIO read per request. Output that a
         `recv` alone produces (a TLS 1.3 KeyUpdate reply) goes out with the next write."""
         self._dirty = False
-        tls, transport = self._tls, self._transport
-        while True:
-            try:
-                out = tls.bio_read(_BIO_READ_SIZE)
-            except SSL.WantReadError:
-                return
-            if transport is not None and not transport.is_closing():
-                transport.write(out)
-            if len(out) < _BIO_READ_SIZE:
-                return  # a memory BIO hands out everything it has
+        out = self._tls.take()
+        transport = self._transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out)
 
     def _send(self, data: bytes) -> None:
         self._dirty = True
         self._sent += len(data)
-        self._tls.sendall(data)
+        self._tls.write(data)
 
     # Flow control and timeouts -------------------------------------------------------
 
@@ -362,13 +343,8 @@ class _Connection(asyncio.Protocol):
             if type(event) is http1.Parsed:
                 self._busy = True
                 self.deadline = None
-                task = self._start(self._respond(event))
+                task = self._handle(event)
                 if task is None:
-                    continue
-                if task.done():  # finished eagerly (Python >= 3.12)
-                    if task.cancelled() or task.exception() is not None:
-                        self._task_done(task)
-                        return
                     continue
                 self._task = task
                 task.add_done_callback(self._task_done)
@@ -399,20 +375,25 @@ class _Connection(asyncio.Protocol):
         elif self._write_paused:
             self._pause_reading()
 
-    def _start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-        """Run `coro` eagerly. None if it finished (or failed) without suspending."""
-        if sys.version_info >= (3, 12):
-            return asyncio.Task(coro, loop=self._loop, eager_start=True)
+    def _handle(self, event: http1.Parsed) -> asyncio.Task[None] | None:
+        """Answer `event` at once if its handler finishes without suspending (the usual
+        cached-key generate/decrypt); otherwise return the Task that carries it on from
+        where it stopped."""
+        request = event.request
+        coro = self._server.handler(request)
         try:
             first = coro.send(None)
-        except StopIteration:
-            return None
+        except StopIteration as done:
+            response: Response = done.value
         except Exception:
-            # _respond handles handler errors itself; this is a bug in the server.
-            log.exception("kes: cannot answer a request from %s", self.remote)
-            self._abort()
-            return None
-        return self._loop.create_task(_resume(coro, first))
+            log.exception("kes: handler failed on %s %s", request.method, request.path)
+            response = Response(500, _INTERNAL_ERROR)
+        else:
+            return self._loop.create_task(self._finish(event, _Resume(coro, first)))
+        if response.stream is not None:
+            return self._loop.create_task(self._stream(event, response))
+        self._answer(event, response)
+        return None
 
     def _yield_to_loop(self) -> None:
         self._busy = True  # data_received only queues until _serve_later runs
@@ -438,19 +419,22 @@ class _Connection(asyncio.Protocol):
         if not self._closed:
             self._serve_pending()
 
-    async def _respond(self, event: http1.Parsed) -> None:
+    async def _finish(self, event: http1.Parsed, pending: _Resume) -> None:
         request = event.request
         try:
-            response = await self._server.handler(request)
+            response = await pending
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("kes: handler failed on %s %s", request.method, request.path)
             response = Response(500, _INTERNAL_ERROR)
-        keep_alive = event.keep_alive and not self._close_when_idle
         if response.stream is not None:
-            await self._stream(event, response, keep_alive)
-            return
+            await self._stream(event, response)
+        else:
+            self._answer(event, response)
+
+    def _answer(self, event: http1.Parsed, response: Response) -> None:
+        keep_alive = event.keep_alive and not self._close_when_idle
         body = response.body
         head = http1.render_head(
             response.status,
@@ -461,7 +445,7 @@ class _Connection(asyncio.Protocol):
             http10=event.http10,
             date=_date.get(),
         )
-        if request.method == "HEAD" or not body:
+        if event.request.method == "HEAD" or not body:
             self._send(head)
         elif len(body) < 4096:
             self._send(head + body)  # one TLS record for the usual small JSON answer
@@ -471,12 +455,12 @@ class _Connection(asyncio.Protocol):
         if not keep_alive:
             self._close()
 
-    async def _stream(self, event: http1.Parsed, response: Response, keep_alive: bool) -> None:
+    async def _stream(self, event: http1.Parsed, response: Response) -> None:
         stream = response.stream
         assert stream is not None  # noqa: S101
         http10 = event.http10
         # HTTP/1.0 has no chunked encoding: the body then ends with the connection.
-        keep_alive = keep_alive and not http10
+        keep_alive = event.keep_alive and not self._close_when_idle and not http10
         self._streaming = True
         try:
             self._send(
@@ -526,7 +510,7 @@ class _Connection(asyncio.Protocol):
         self._closed = True
         self.deadline = None
         with contextlib.suppress(SSL.Error):
-            self._tls.shutdown()
+            self._tls.conn.shutdown()
         self._flush()
         if self._transport is not None:
             self._transport.close()
@@ -570,6 +554,7 @@ class Server:
         self.handler = handler
         self.context = build_context(tls) if isinstance(tls, TLSConfig) else tls
         self.cert_pem = tls.cert_pem if isinstance(tls, TLSConfig) else None
+        self.scratch = tlsbio.Scratch()  # used by this server's loop thread only
         self._cert_received = dt.datetime.now(dt.UTC)
         self._cert_source = cert_source
         self._renewer: asyncio.Task[None] | None = None
