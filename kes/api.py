@@ -42,6 +42,7 @@ log = logging.getLogger("kes.error")
 # What /version reports: the KES release whose API this server implements.
 KES_VERSION = "2025-03-12T09-35-18Z"
 MAX_BULK = 1000  # legacy bulk decrypt: KES v0.19-2023 accepted at most 1000 ciphertexts
+RESOLVED_CACHE = 4096  # request paths whose route lookup is remembered
 
 _T = TypeVar("_T")
 Auth = Literal["none", "identify", "policy"]
@@ -101,11 +102,19 @@ def ok_json(obj: Any) -> Response:
     return Response(200, go_json(obj))
 
 
-def ok_b64(*fields: tuple[str, bytes | bytearray]) -> Response:
-    """`{"a":"<b64>",…}\n` built directly: base64 needs no JSON escaping, and this is the
-    per-object path (generate/decrypt), where json.dumps is a measurable share."""
-    parts = [b'"' + k.encode() + b'":"' + base64.b64encode(v) + b'"' for k, v in fields]
-    return Response(200, b"{" + b",".join(parts) + b"}\n")
+def _b64_bytes(b: bytes | bytearray) -> bytes:
+    return binascii.b2a_base64(b, newline=False)
+
+
+# The per-object answers (generate/decrypt) built directly: base64 needs no JSON escaping,
+# and json.dumps was a measurable share of these requests.
+def ok_data_key(plaintext: bytes | bytearray, ciphertext: bytes) -> Response:
+    return Response(200, b'{"plaintext":"%b","ciphertext":"%b"}\n'
+                    % (_b64_bytes(plaintext), _b64_bytes(ciphertext)))
+
+
+def ok_plaintext(plaintext: bytes | bytearray) -> Response:
+    return Response(200, b'{"plaintext":"%b"}\n' % _b64_bytes(plaintext))
 
 
 def ok_empty() -> Response:
@@ -159,8 +168,11 @@ def _b64_field(obj: dict[str, Any], name: str, err: KesError = errors.INVALID_BO
         return b""
     if not isinstance(v, str):
         raise err
+    if "\n" in v or "\r" in v:
+        v = v.replace("\r", "").replace("\n", "")
     try:
-        return base64.b64decode(v.replace("\r", "").replace("\n", ""), validate=True)
+        # Go's StdEncoding: padding required, no stray characters, CR/LF ignored (above).
+        return binascii.a2b_base64(v, strict_mode=True)
     except (binascii.Error, ValueError):
         raise err from None
 
@@ -188,6 +200,8 @@ class Api:
         self.routes = _apply_overrides(ROUTES, overrides or {})
         self._exact = {r.path: r for r in self.routes if not r.prefix}
         self._prefix = {r.path: r for r in self.routes if r.prefix}
+        # MinIO asks about the same few paths (one key, a few routes) all day long.
+        self._resolved: dict[str, tuple[Route, str, str] | None] = {}
 
     def _count_audit(self) -> None:
         self.metrics.audit_events += 1
@@ -220,8 +234,20 @@ class Api:
             return r, "", r.path
         return None
 
+    def _resolve(self, path: str) -> tuple[Route, str, str] | None:
+        resolved = self._resolved
+        try:
+            return resolved[path]
+        except KeyError:
+            pass
+        found = self.route_for(path)
+        if len(resolved) >= RESOLVED_CACHE:
+            resolved.clear()  # a client walking many names: start over, stay bounded
+        resolved[path] = found
+        return found
+
     async def __call__(self, req: Request) -> Response:
-        found = self.route_for(req.path)
+        found = self._resolve(req.path)
         if found is None:
             return Response(404, errors.NOT_FOUND_TEXT, content_type="text/plain; charset=utf-8")
         route, resource, auth_path = found
@@ -233,7 +259,18 @@ class Api:
         if route.metered:
             self.metrics.request_started()
         try:
-            resp = await self._serve(route, req, resource, auth_path)
+            if route.auth == "policy":
+                if req.identity is None:
+                    raise errors.NO_CLIENT_CERT
+                if not self.policies.allowed(req.identity, auth_path):
+                    raise errors.NOT_ALLOWED
+            resp = await route.handler(self, req, resource)
+        except KesError as e:
+            resp = error_response(e)
+        except Exception:
+            log.exception("%s %s: internal error (answered %d %s)", req.method, req.path,
+                          route.fail.status, route.fail.message)
+            resp = error_response(route.fail)
         except BaseException:
             # Cancelled (the client went away, or shutdown): no answer to count.
             if route.metered:
@@ -251,29 +288,16 @@ class Api:
                                   message=_audit_message(route, resource, resp.status))
         return resp
 
-    async def _serve(self, route: Route, req: Request, resource: str, auth_path: str) -> Response:
-        try:
-            if route.auth == "policy":
-                if req.identity is None:
-                    raise errors.NO_CLIENT_CERT
-                if not self.policies.allowed(req.identity, auth_path):
-                    raise errors.NOT_ALLOWED
-            return await route.handler(self, req, resource)
-        except KesError as e:
-            return error_response(e)
-        except Exception:
-            log.exception("%s %s: internal error (answered %d %s)", req.method, req.path,
-                          route.fail.status, route.fail.message)
-            return error_response(route.fail)
-
     async def _io(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.to_thread(fn, *args)
 
     async def _key(self, name: str, req: Request) -> KeyVersion:
-        """The key `name` (already checked by the handler with _check_key_name)."""
+        """The key `name` (already checked by the handler with _check_key_name), from
+        the store. Handlers try `keyring.cached(name)` first: MinIO's per-object calls
+        then need neither this coroutine nor a thread hop."""
         hit = self.keyring.cached(name)
         if hit is not None:
-            return hit  # the common case (MinIO's per-object calls): no thread hop
+            return hit
         try:
             return await self._io(self.keyring.get, name)
         except KeyNotFound:
@@ -386,7 +410,9 @@ async def h_key_import(api: Api, req: Request, name: str) -> Response:
 
 async def h_key_describe(api: Api, req: Request, name: str) -> Response:
     _check_key_name(name)
-    kv = await api._key(name, req)
+    kv = api.keyring.cached(name)
+    if kv is None:
+        kv = await api._key(name, req)
     out: dict[str, Any] = {"name": name, "algorithm": kv.type.wire_name,
                            "created_at": kv.created_at.rfc3339()}
     if kv.created_by:
@@ -426,11 +452,13 @@ async def h_key_generate(api: Api, req: Request, name: str) -> Response:
     _check_key_name(name)  # KES validates the name before it reads the body
     body = _body(req, MAX_BODY)
     context = _b64_field(body, "context")
-    kv = await api._key(name, req)
+    kv = api.keyring.cached(name)
+    if kv is None:
+        kv = await api._key(name, req)
     dek = crypto.new_dek()
     try:
         ct = crypto.encrypt(kv.key.view, kv.type, dek, context)
-        return ok_b64(("plaintext", dek), ("ciphertext", ct))
+        return ok_data_key(dek, ct)
     except Exception:
         log.exception("%s %s: cannot generate data key", req.method, req.path)
         raise errors.GENERATE_KEY_FAILED from None
@@ -443,7 +471,9 @@ async def h_key_encrypt(api: Api, req: Request, name: str) -> Response:
     body = _body(req, MAX_BODY)
     plaintext = _b64_field(body, "plaintext")
     context = _b64_field(body, "context")
-    kv = await api._key(name, req)
+    kv = api.keyring.cached(name)
+    if kv is None:
+        kv = await api._key(name, req)
     try:
         ct = crypto.encrypt(kv.key.view, kv.type, plaintext, context)
     except Exception:
@@ -457,10 +487,12 @@ async def h_key_decrypt(api: Api, req: Request, name: str) -> Response:
     body = _body(req, MAX_BODY)
     ciphertext = _b64_field(body, "ciphertext")
     context = _b64_field(body, "context")
-    kv = await api._key(name, req)
+    kv = api.keyring.cached(name)
+    if kv is None:
+        kv = await api._key(name, req)
     pt = _open(kv, ciphertext, context)
     try:
-        return ok_b64(("plaintext", pt))
+        return ok_plaintext(pt)
     finally:
         pt[:] = bytes(len(pt))
 
@@ -491,7 +523,9 @@ async def h_key_bulk_decrypt(api: Api, req: Request, name: str) -> Response:
         raise errors.INVALID_BODY
     if len(items) > MAX_BULK:
         raise errors.TOO_MANY_CIPHERTEXTS
-    kv = await api._key(name, req)
+    kv = api.keyring.cached(name)
+    if kv is None:
+        kv = await api._key(name, req)
     out = []
     for item in items:
         pt = _open(kv, _b64_field(item, "ciphertext"), _b64_field(item, "context"))
@@ -504,7 +538,9 @@ async def h_key_hmac(api: Api, req: Request, name: str) -> Response:
     _check_key_name(name)  # KES validates the name before it reads the body
     body = _body(req, MAX_BODY)
     message = _b64_field(body, "message")
-    kv = await api._key(name, req)
+    kv = api.keyring.cached(name)
+    if kv is None:
+        kv = await api._key(name, req)
     if kv.hmac_key is None:
         raise errors.NO_HMAC
     return ok_json({"hmac": _b64(crypto.hmac_sha256(kv.hmac_key.view, message))})

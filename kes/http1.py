@@ -279,6 +279,14 @@ def render_head(
 ) -> bytes:
     """The status line and headers. `length=None` means a streamed body: chunked for
     HTTP/1.1, close-delimited for HTTP/1.0 (which has no chunked encoding)."""
+    if length is not None and not headers:
+        # The usual answer: everything but the date and the length comes from a template.
+        key = (status, content_type, keep_alive, http10)
+        template = _TEMPLATES.get(key)
+        if template is None:
+            template = _TEMPLATES[key] = _template(status, content_type, keep_alive, http10)
+        first, type_line, tail = template
+        return b"%b%b\r\n%bContent-Length: %d\r\n%b" % (first, date, type_line, length, tail)
     parts = [_status_line(status), b"Date: ", date, b"\r\n"]
     if content_type is not None:
         parts += (b"Content-Type: ", content_type.encode("latin-1"), b"\r\n")
@@ -294,6 +302,23 @@ def render_head(
         parts.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told otherwise
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+_TEMPLATES: dict[tuple[int, str | None, bool, bool], tuple[bytes, bytes, bytes]] = {}
+
+
+def _template(status: int, content_type: str | None, keep_alive: bool,
+              http10: bool) -> tuple[bytes, bytes, bytes]:
+    """(status line + "Date: ", the Content-Type line, what follows Content-Length)."""
+    type_line = b"" if content_type is None else b"Content-Type: %b\r\n" % (
+        content_type.encode("latin-1"))
+    tail = []
+    if not keep_alive:
+        tail.append(b"Connection: close\r\n")
+    elif http10:
+        tail.append(b"Connection: keep-alive\r\n")
+    tail.append(b"\r\n")
+    return _status_line(status) + b"Date: ", type_line, b"".join(tail)
 
 
 def chunk(data: bytes) -> bytes:

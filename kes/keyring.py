@@ -151,12 +151,13 @@ class Keyring:
     def cached(self, name: str) -> KeyVersion | None:
         """The cached key or None, without I/O: lets async callers skip a thread hop."""
         self.maintain()
-        with self._lock:
-            entry = self._cache.get(name)
-            if entry is None:
-                return None
-            entry.used = True
-            return entry.key
+        # No lock: a dict read is atomic, and racing an eviction at worst hands this one
+        # request the key that was just dropped, which is still the right key.
+        entry = self._cache.get(name)
+        if entry is None:
+            return None
+        entry.used = True
+        return entry.key
 
     def get(self, name: str) -> KeyVersion:
         """Cached key, or one store read shared by all concurrent callers for `name`."""

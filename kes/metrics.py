@@ -21,7 +21,6 @@ BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 3, 5, 10)
 
 class Metrics:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._codes: dict[str, dict[int, int]] = {"success": {}, "error": {}, "failure": {}}
         self.active = 0
         self.audit_events = 0
@@ -32,33 +31,30 @@ class Metrics:
         self._buckets = [0] * (len(BUCKETS) + 1)
         self._sum = 0.0
 
+    # The request counters are written and read (families) on the server's event loop
+    # thread only, so they take no lock: it was a measurable share of a request.
+
     def request_started(self) -> None:
-        with self._lock:
-            self.active += 1
+        self.active += 1
 
     def request_aborted(self) -> None:
-        with self._lock:
-            self.active -= 1
+        self.active -= 1
 
     def request_done(self, status: int, seconds: float) -> None:
         kind = "success" if status < 300 else "error" if status < 500 else "failure"
-        i = bisect.bisect_left(BUCKETS, seconds)
-        with self._lock:
-            self.active -= 1
-            codes = self._codes[kind]
-            codes[status] = codes.get(status, 0) + 1
-            self._buckets[i] += 1
-            self._sum += seconds
+        self.active -= 1
+        codes = self._codes[kind]
+        codes[status] = codes.get(status, 0) + 1
+        self._buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self._sum += seconds
 
     def count(self, kind: str) -> int:
-        with self._lock:
-            return sum(self._codes[kind].values())
+        return sum(self._codes[kind].values())
 
     def families(self) -> Iterator[Metric]:
-        with self._lock:
-            codes = {k: dict(v) for k, v in self._codes.items()}
-            active, audit, errors = self.active, self.audit_events, self.error_events
-            buckets, total = list(self._buckets), self._sum
+        codes = {k: dict(v) for k, v in self._codes.items()}
+        active, audit, errors = self.active, self.audit_events, self.error_events
+        buckets, total = list(self._buckets), self._sum
         help_ = {"success": "Number of successful requests (2xx)",
                  "error": "Number of requests that failed with a client error (4xx)",
                  "failure": "Number of requests that failed with a server error (5xx)"}

@@ -9,6 +9,7 @@ are literal.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ MAX_NAME = 80  # KES validName/validPattern: at most 80 bytes
 _NAME_CHARS = re.compile(r"[0-9A-Za-z_-]+")
 
 
+@functools.lru_cache(maxsize=4096)  # checked on every key request, mostly for one name
 def valid_name(name: str) -> bool:
     """Key, policy and identity names: 1-80 of [0-9A-Za-z_-], no leading/trailing `-`,
     not exactly `_`."""
@@ -68,6 +70,9 @@ class Policy:
         return any(pattern_matches(p, path) for p in self.allow)
 
 
+DECISION_CACHE = 4096  # (identity, path) answers remembered per policy set
+
+
 class PolicyConfigError(ValueError):
     """The policy set contradicts itself (name rules, double assignment)."""
 
@@ -79,6 +84,8 @@ class PolicySet:
     admin: str = ""
     policies: Mapping[str, Policy] = field(default_factory=dict)
     _by_identity: Mapping[str, Policy] = field(default_factory=dict, repr=False)
+    _decisions: dict[tuple[str | None, str], bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, admin: str, policies: Iterable[Policy]) -> PolicySet:
@@ -118,6 +125,18 @@ class PolicySet:
         return dict(self._by_identity)
 
     def allowed(self, identity: str | None, path: str) -> bool:
+        # Remembered per (identity, path): a policy set never changes (a reload builds a
+        # new one), and MinIO asks the same question for every object.
+        key = (identity, path)
+        decided = self._decisions.get(key)
+        if decided is None:
+            decided = self._decide(identity, path)
+            if len(self._decisions) >= DECISION_CACHE:
+                self._decisions.clear()
+            self._decisions[key] = decided
+        return decided
+
+    def _decide(self, identity: str | None, path: str) -> bool:
         if self.is_admin(identity):
             return True
         pol = self.policy_of(identity)

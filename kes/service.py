@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,13 @@ class Service:
     _log_handler: logging.Handler | None = None
     _built_in: int = field(default_factory=os.getpid)
 
-    async def handler(self, req: Request) -> Response:
+    def handler(self, req: Request) -> Coroutine[Any, Any, Response]:
+        """The `kes.http.Handler`: the API's own coroutine, with no wrapper around it."""
         # Threads do not survive fork: the keyring's probe thread starts in the process
         # that serves (each worker), on its first request.
         if not self._started:
             self.start()
-        return await self.api(req)
+        return self.api(req)
 
     def start(self) -> None:
         with self._lock:
