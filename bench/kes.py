@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,12 +351,36 @@ def ab_once(t: Target, path: str, body: Path, *, n: int, c: int, keep_alive: boo
                 (cpu1 - cpu0) / (t1 - t0))
 
 
-def ab_cell(t: Target, path: str, body: Path, *, n: int, c: int, keep_alive: bool,
-            repeat: int) -> Cell:
-    ab_once(t, path, body, n=max(200, n // 10), c=c, keep_alive=keep_alive)  # warm-up
-    runs = [ab_once(t, path, body, n=n, c=c, keep_alive=keep_alive) for _ in range(repeat)]
-    runs.sort(key=lambda r: r.rps)
-    return runs[len(runs) // 2]
+@dataclass
+class Job:
+    """One cell of the table: a target, a route and a load shape."""
+
+    name: str
+    op: str
+    target: Target
+    path: str
+    body: Path
+
+    def run(self, *, n: int, c: int, keep_alive: bool) -> Cell:
+        return ab_once(self.target, self.path, self.body, n=n, c=c, keep_alive=keep_alive)
+
+
+def interleaved(jobs: list[Job], *, n: int, c: int, keep_alive: bool,
+                repeat: int) -> list[Cell]:
+    """The median run of each job, the jobs taking turns run by run (bootkey, nginx,
+    bootkey, …): the speed of this VM's vCPUs drifts by tens of percent within minutes,
+    and turns make every drift hit the server and the ceiling alike."""
+    for job in jobs:
+        job.run(n=max(200, n // 10), c=c, keep_alive=keep_alive)  # warm-up
+    runs: list[list[Cell]] = [[] for _ in jobs]
+    for _ in range(repeat):
+        for job, mine in zip(jobs, runs, strict=True):
+            mine.append(job.run(n=n, c=c, keep_alive=keep_alive))
+    out = []
+    for mine in runs:
+        mine.sort(key=lambda r: r.rps)
+        out.append(mine[len(mine) // 2])
+    return out
 
 
 @dataclass
@@ -378,24 +402,29 @@ class Results:
     versions: dict[str, str] = field(default_factory=dict)
 
 
-def measure_target(name: str, t: Target, bodies: dict[str, Path], routes: dict[str, str], *,
-                   plan: Plan, results: Results) -> None:
-    for op, path in routes.items():
-        for c in plan.concurrency:
-            cell = ab_cell(t, path, bodies[op], n=plan.keep_alive_n, c=c, keep_alive=True,
-                           repeat=plan.repeat)
-            results.cells[f"{name}|{op}|ka|{c}"] = asdict(cell)
-            print(f"  {name:14} {op:8} keep-alive c={c:<3} {cell.rps:9.0f} req/s "
-                  f"p50 {cell.p50:.2f} p99 {cell.p99:.2f} ms  {cell.cpu_us:5.1f} us/req "
+def measure(jobs: list[Job], *, plan: Plan, results: Results) -> None:
+    """Every keep-alive cell for every job, then new connections for the first route of
+    each target (connection setup does not depend on the route)."""
+    shapes = [(c, True) for c in plan.concurrency]
+    shapes += [(c, False) for c in plan.new_conn_concurrency]
+    for c, keep_alive in shapes:
+        todo = jobs
+        if not keep_alive:
+            firsts: dict[str, Job] = {}
+            for job in jobs:
+                firsts.setdefault(job.name, job)
+            todo = list(firsts.values())
+        n = plan.keep_alive_n if keep_alive else plan.new_conn_n
+        cells = interleaved(todo, n=n, c=c, keep_alive=keep_alive, repeat=plan.repeat)
+        for job, cell in zip(todo, cells, strict=True):
+            kind = "ka" if keep_alive else "new"
+            results.cells[f"{job.name}|{job.op}|{kind}|{c}"] = asdict(cell)
+            what = f"keep-alive c={c:<3}" if keep_alive else f"new-conn   c={c:<3}"
+            unit = "req/s " if keep_alive else "conn/s"
+            per = "us/req " if keep_alive else "us/conn"
+            print(f"  {job.name:14} {job.op:8} {what} {cell.rps:9.0f} {unit} "
+                  f"p50 {cell.p50:.2f} p99 {cell.p99:.2f} ms  {cell.cpu_us:6.1f} {per} "
                   f"{cell.cores:.2f} cores  failed {cell.failed}", flush=True)
-    op = next(iter(routes))
-    for c in plan.new_conn_concurrency:
-        cell = ab_cell(t, routes[op], bodies[op], n=plan.new_conn_n, c=c, keep_alive=False,
-                       repeat=plan.repeat)
-        results.cells[f"{name}|{op}|new|{c}"] = asdict(cell)
-        print(f"  {name:14} {op:8} new-conn   c={c:<3} {cell.rps:9.0f} conn/s "
-              f"p50 {cell.p50:.2f} p99 {cell.p99:.2f} ms  {cell.cpu_us:5.0f} us/conn "
-              f"failed {cell.failed}", flush=True)
 
 
 def long_run(t: Target, bodies: dict[str, Path], seconds: float, results: Results) -> None:
@@ -649,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=2000, help="requests per new-conn run")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--concurrency", default="1,16,64", help="keep-alive client counts")
+    ap.add_argument("--new-concurrency", default="1,16",
+                    help="client counts for new connections (empty: none)")
     ap.add_argument("--trivial", action="store_true", help="transport only, no KES API")
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
@@ -665,7 +697,9 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None and not (tool == "nginx" and a.no_nginx):
             print(f"bench.kes: {tool} not found — run scripts/setup.sh", file=sys.stderr)
             return 69
-    plan = Plan(a.requests, a.connections, a.repeat)
+    plan = Plan(a.requests, a.connections, a.repeat,
+                tuple(int(c) for c in a.concurrency.split(",") if c),
+                tuple(int(c) for c in a.new_concurrency.split(",") if c))
     if a.quick:
         plan = Plan(300, 30, 1, (1, 16), (4,))
     workers = [int(w) for w in a.workers.split(",")]
@@ -682,38 +716,43 @@ def main(argv: list[str] | None = None) -> int:
         results.load.append(os.getloadavg()[0])
         if not a.long:
             results.in_process = in_process(1000 if a.quick else 10000)
-        for w in workers if not a.long else workers[:1]:
-            with bootkey_kes(files, w, bao.address, trivial=a.trivial, loop=a.loop,
-                             profile=str(a.profile or "")) as (proc, port):
+        with ExitStack() as stack:
+            jobs: list[Job] = []
+            servers: list[tuple[int, subprocess.Popen[bytes], int]] = []
+            for w in workers if not a.long else workers[:1]:
+                proc, port = stack.enter_context(bootkey_kes(
+                    files, w, bao.address, trivial=a.trivial, loop=a.loop,
+                    profile=str(a.profile or "")))
                 if "TRIVIAL" in (work / "serve.log").read_text(errors="replace"):
                     results.trivial = True
                 bodies = prepare_bodies(files, port, results.trivial)
-                rss0 = rss_bytes(proc.pid)
                 print(f"bootkey KES, {w} worker(s), pid {proc.pid}, port {port}"
                       f"{' (TRIVIAL HANDLER)' if results.trivial else ''}", flush=True)
                 target = Target(files, port, proc.pid)
                 if a.long:
                     long_run(target, bodies, a.long, results)
                     continue
-                measure_target(f"bootkey-{w}", target, bodies,
-                               {"generate": f"/v1/key/generate/{KEY}",
-                                "decrypt": f"/v1/key/decrypt/{KEY}"}, plan=plan, results=results)
-                if a.profile:
-                    proc.send_signal(signal.SIGUSR1)
-                    proc.wait(30)
-                results.memory[f"bootkey-{w}"] = {"rss_before_mib": rss0 / 2**20,
-                                                  "rss_after_mib": rss_bytes(proc.pid) / 2**20}
+                servers.append((w, proc, port))
+                results.memory[f"bootkey-{w}"] = {"rss_before_mib": rss_bytes(proc.pid) / 2**20}
+                jobs += [Job(f"bootkey-{w}", op, target, f"/v1/key/{op}/{KEY}", bodies[op])
+                         for op in ("generate", "decrypt")]
+            if not a.no_nginx and not a.long:
+                for w in workers:
+                    proc, port = stack.enter_context(nginx(files, w))
+                    print(f"nginx, {w} worker(s), pid {proc.pid}, port {port}", flush=True)
+                    jobs.append(Job(f"nginx-{w}", "static", Target(files, port, proc.pid),
+                                    "/v1/key/generate/k", files.path("generate.json")))
+            if jobs:
+                measure(jobs, plan=plan, results=results)
+            for w, proc, port in servers:
+                results.memory[f"bootkey-{w}"]["rss_after_mib"] = rss_bytes(proc.pid) / 2**20
                 if w == 1:
                     kb = idle_memory(files, port, proc.pid, 100 if a.quick else 1000)
                     results.memory["idle_connection_kb"] = round(kb, 1)
                     print(f"  idle keep-alive connection: {kb:.1f} kB of server RSS", flush=True)
-        if not a.no_nginx and not a.long:
-            for w in workers:
-                with nginx(files, w) as (proc, port):
-                    print(f"nginx, {w} worker(s), pid {proc.pid}, port {port}", flush=True)
-                    measure_target(f"nginx-{w}", Target(files, port, proc.pid),
-                                   {"static": files.path("generate.json")},
-                                   {"static": "/v1/key/generate/k"}, plan=plan, results=results)
+                if a.profile:
+                    proc.send_signal(signal.SIGUSR1)
+                    proc.wait(30)
         results.load.append(os.getloadavg()[0])
     finally:
         bao.stop()

@@ -455,13 +455,13 @@ async def h_key_generate(api: Api, req: Request, name: str) -> Response:
     kv = api.keyring.cached(name)
     if kv is None:
         kv = await api._key(name, req)
-    dek = crypto.new_dek()
     try:
-        ct = crypto.encrypt(kv.key.view, kv.type, dek, context)
-        return ok_data_key(dek, ct)
+        dek, ct = crypto.new_data_key(kv.key.view, kv.type, context, keyed=kv.keyed_hmac())
     except Exception:
         log.exception("%s %s: cannot generate data key", req.method, req.path)
         raise errors.GENERATE_KEY_FAILED from None
+    try:
+        return ok_data_key(dek, ct)
     finally:
         dek[:] = bytes(len(dek))
 
@@ -475,7 +475,8 @@ async def h_key_encrypt(api: Api, req: Request, name: str) -> Response:
     if kv is None:
         kv = await api._key(name, req)
     try:
-        ct = crypto.encrypt(kv.key.view, kv.type, plaintext, context)
+        ct = crypto.encrypt(kv.key.view, kv.type, plaintext, context,
+                            keyed=kv.keyed_hmac())
     except Exception:
         log.exception("%s %s: cannot encrypt", req.method, req.path)
         raise errors.ENCRYPT_FAILED from None
@@ -505,7 +506,7 @@ def _check_key_name(name: str) -> None:
 def _open(kv: KeyVersion, ciphertext: bytes, context: bytes) -> bytearray:
     try:
         return crypto.decrypt(kv.key.view, kv.type, ciphertext, context,
-                              type_known=kv.type_known)
+                              type_known=kv.type_known, keyed=kv.keyed_hmac())
     except NotAuthentic:
         raise errors.DECRYPT from None
 

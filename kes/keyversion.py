@@ -14,9 +14,12 @@ import datetime as dt
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hmac
 
 from bootkey.secret import SecretBuffer
+from kes import crypto
 from kes.crypto import ALGORITHMS, KEY_SIZE, KeyType
 
 _HASH_SHA256 = 1
@@ -75,6 +78,16 @@ class KeyVersion:
     # False for keys stored without an algorithm (KES <= v0.19.1): then a legacy
     # ciphertext's own algorithm field may decide (kes.crypto.decrypt type_known).
     type_known: bool = True
+    _keyed: hmac.HMAC | None = field(default=None, init=False, repr=False, compare=False)
+
+    def keyed_hmac(self) -> hmac.HMAC:
+        """`crypto.keyed_hmac(key)`, made once per cached key. Its state is derived from
+        the key and lives in OpenSSL's memory (locked with the rest of the process,
+        cleansed by OpenSSL when freed with this KeyVersion)."""
+        keyed = self._keyed
+        if keyed is None:
+            keyed = self._keyed = crypto.keyed_hmac(self.key.view)
+        return keyed
 
     @classmethod
     def generate(cls, key_type: KeyType, created_by: str) -> KeyVersion:
@@ -82,6 +95,7 @@ class KeyVersion:
                    Timestamp.now(), created_by)
 
     def close(self) -> None:
+        self._keyed = None
         self.key.close()
         if self.hmac_key is not None:
             self.hmac_key.close()

@@ -48,13 +48,18 @@ def test_kes_invalid_vectors_are_not_authentic(v: dict[str, Any]) -> None:
         crypto.decrypt(base64.b64decode(v["key"]), TYPES[v["type"]], _ct(v))
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["fresh-hmac", "kept-hmac"])
 @pytest.mark.parametrize("kt", list(KeyType))
-def test_roundtrip_size_and_context_binding(kt: KeyType) -> None:
+def test_roundtrip_size_and_context_binding(kt: KeyType, keyed: bool) -> None:
     key = bytes(range(32))
-    dek = crypto.new_dek()
-    ct = crypto.encrypt(key, kt, dek, b'{"bucket":"bucket/object"}')
+    kept = crypto.keyed_hmac(key) if keyed else None
+    dek, ct = crypto.new_data_key(key, kt, b'{"bucket":"bucket/object"}', keyed=kept)
+    assert len(dek) == 32 and dek != bytes(32)
     assert len(ct) == 76  # 32 + tag 16 + iv 16 + nonce 12, as KES PR #433 says
     assert crypto.decrypt(key, kt, ct, b'{"bucket":"bucket/object"}') == dek
+    assert crypto.decrypt(key, kt, ct, b'{"bucket":"bucket/object"}', keyed=kept) == dek
+    # A kept HMAC is copied per ciphertext, never consumed: it still works afterwards.
+    assert crypto.decrypt(key, kt, ct, b'{"bucket":"bucket/object"}', keyed=kept) == dek
     for wrong_ctx in (b"", b'{"bucket":"bucket/other"}'):
         with pytest.raises(NotAuthentic):
             crypto.decrypt(key, kt, ct, wrong_ctx)
