@@ -21,13 +21,14 @@ import base64
 import binascii
 import enum
 import json
-import os
 import struct
 
 import msgpack
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from kes.randpool import random_bytes
 
 Buffer = bytes | bytearray | memoryview
 
@@ -108,7 +109,7 @@ def encrypt(key: Buffer, key_type: KeyType, plaintext: Buffer, context: bytes = 
     if len(key) != KEY_SIZE:
         raise ValueError("KES secret keys are 32 bytes")
     if iv is None or nonce is None:
-        fresh = os.urandom(IV_SIZE + NONCE_SIZE)  # KES draws 28 bytes: iv ‖ nonce
+        fresh = random_bytes(IV_SIZE + NONCE_SIZE)  # KES draws 28 bytes: iv ‖ nonce
         iv = fresh[:IV_SIZE] if iv is None else iv
         nonce = fresh[IV_SIZE:] if nonce is None else nonce
     if len(iv) != IV_SIZE or len(nonce) != NONCE_SIZE:
@@ -209,9 +210,8 @@ def hmac_sha256(key: Buffer, message: bytes) -> bytes:
 def new_data_key(key: Buffer, key_type: KeyType, context: bytes = b"", *,
                  keyed: hmac.HMAC | None = None) -> tuple[bytearray, bytes]:
     """A fresh 32-byte data key (a bytearray, for the caller to wipe) and its ciphertext.
-    Key, iv and nonce come from one draw of randomness: each getrandom(2) is a system
-    call, a measurable share of a generate request."""
-    fresh = os.urandom(DEK_SIZE + IV_SIZE + NONCE_SIZE)
+    Key, iv and nonce come from one draw of the pool (kes.randpool: no system call)."""
+    fresh = random_bytes(DEK_SIZE + IV_SIZE + NONCE_SIZE)
     dek = bytearray(fresh[:DEK_SIZE])
     ct = encrypt(key, key_type, dek, context, iv=fresh[DEK_SIZE:DEK_SIZE + IV_SIZE],
                  nonce=fresh[DEK_SIZE + IV_SIZE:], keyed=keyed)
