@@ -54,6 +54,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 KEY = "bench-key"
 # The size of a generate answer: 32-byte plaintext and its ~150-byte ciphertext, base64.
+# MinIO's context for an object, as it sends it in generate/decrypt bodies.
+CONTEXT_B64 = base64.b64encode(b'{"MinIO":"bench/object"}').decode()
 STATIC_BODY = json.dumps({"plaintext": "A" * 44, "ciphertext": "B" * 200}, separators=(",", ":"))
 
 
@@ -286,7 +288,7 @@ def https(files: Files, port: int, method: str, path: str, *, body: bytes = b"",
 
 def prepare_bodies(files: Files, port: int, trivial: bool) -> dict[str, Path]:
     """Create the key (as admin) and a ciphertext to decrypt; write ab's POST bodies."""
-    context = base64.b64encode(b'{"MinIO":"bench/object"}').decode()
+    context = CONTEXT_B64
     gen = json.dumps({"context": context}).encode()
     if not trivial:
         status, text = https(files, port, "POST", f"/v1/key/create/{KEY}", admin=True)
@@ -301,7 +303,9 @@ def prepare_bodies(files: Files, port: int, trivial: bool) -> dict[str, Path]:
         status, text = https(files, port, "POST", f"/v1/key/decrypt/{KEY}", body=dec)
         if status != 200:
             raise RuntimeError(f"decrypt: {status} {text!r}")
-    out = {"generate": files.path("generate.json"), "decrypt": files.path("decrypt.json")}
+    # Per server: servers run side by side, each with its own key.
+    out = {"generate": files.path(f"generate-{port}.json"),
+           "decrypt": files.path(f"decrypt-{port}.json")}
     out["generate"].write_bytes(gen)
     out["decrypt"].write_bytes(dec)
     return out
@@ -737,11 +741,14 @@ def main(argv: list[str] | None = None) -> int:
                 jobs += [Job(f"bootkey-{w}", op, target, f"/v1/key/{op}/{KEY}", bodies[op])
                          for op in ("generate", "decrypt")]
             if not a.no_nginx and not a.long:
+                # nginx ignores the body; it gets the same bytes as a generate request.
+                nginx_body = files.path("nginx.json")
+                nginx_body.write_text(json.dumps({"context": CONTEXT_B64}))
                 for w in workers:
                     proc, port = stack.enter_context(nginx(files, w))
                     print(f"nginx, {w} worker(s), pid {proc.pid}, port {port}", flush=True)
                     jobs.append(Job(f"nginx-{w}", "static", Target(files, port, proc.pid),
-                                    "/v1/key/generate/k", files.path("generate.json")))
+                                    "/v1/key/generate/k", nginx_body))
             if jobs:
                 measure(jobs, plan=plan, results=results)
             for w, proc, port in servers:
