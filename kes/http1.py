@@ -204,6 +204,11 @@ class RequestParser:
                     break
 
     def on_body(self, body: bytes) -> None:
+        size = self._body_len + len(body)
+        if size <= self._max_body:  # the usual case, without slicing
+            self._body.append(body)
+            self._body_len = size
+            return
         if self._too_large:
             return  # keep parsing to stay in sync with the stream, but buffer no more
         room = self._max_body - self._body_len
@@ -233,8 +238,24 @@ class _HeadTooLarge(Exception):
     pass
 
 
+_PATHS: dict[bytes, str | None] = {}
+PATH_CACHE = 4096  # request targets whose decoding is remembered (MinIO uses a handful)
+
+
 def _decode_path(url: bytes) -> str | None:
     """Percent-decoded path without the query, as Go's `r.URL.Path`; None if unusable."""
+    try:
+        return _PATHS[url]
+    except KeyError:
+        pass
+    path = _decode_path_uncached(url)
+    if len(_PATHS) >= PATH_CACHE:
+        _PATHS.clear()
+    _PATHS[url] = path
+    return path
+
+
+def _decode_path_uncached(url: bytes) -> str | None:
     if url.startswith(b"/") and b"%" not in url and b"?" not in url and b"#" not in url:
         raw = url  # the common case, no parsing needed
     else:
