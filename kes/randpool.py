@@ -3,7 +3,7 @@
 Every getrandom(2) is a system call, and on the VMs bootkey is measured on a system call
 costs several microseconds: one per generate request was 6 % of the server's time
 (py-spy, 2026-11-22). OpenSSL's DRBG (`ssl.RAND_bytes`) is no way out: its fork check
-makes a getpid(2) call per draw. So the kernel's randomness is drawn 4 KiB at a time
+makes a getpid(2) call per draw. So the kernel's randomness is drawn 16 KiB at a time
 into a `SecretBuffer` (locked, not in core dumps, wiped in a forked child) and handed
 out in pieces; each piece is zeroed in the pool as it is taken, so the pool never holds
 a byte that was already used.
@@ -15,12 +15,13 @@ has already zeroed the child's copy of the pages.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 
 from bootkey.secret import SecretBuffer
 
-POOL_SIZE = 4096
+POOL_SIZE = 16 * 1024  # about 270 data keys per read of /dev/urandom
 
 
 class RandomPool:
@@ -32,6 +33,7 @@ class RandomPool:
         self._pos = size  # empty
         self._zeros = memoryview(bytes(size))
         self._lock = threading.Lock()
+        self._source: io.FileIO | None = None  # /dev/urandom, kept open
         self.refills = 0  # for tests
 
     def take(self, n: int) -> bytes:
@@ -52,10 +54,11 @@ class RandomPool:
         if self._buf is None:
             self._buf = SecretBuffer(self._size)
             os.getrandom(1)  # blocks until the kernel's generator is seeded (early boot)
+        if self._source is None:
+            self._source = io.FileIO("/dev/urandom", "rb")
         # Straight into the locked pages: no copy of future keys on Python's heap.
-        with open("/dev/urandom", "rb", buffering=0) as f:
-            if f.readinto(self._buf.view) != self._size:
-                raise OSError("short read from /dev/urandom")
+        if self._source.readinto(self._buf.view) != self._size:
+            raise OSError("short read from /dev/urandom")
         self._pos = 0
         self.refills += 1
 
