@@ -268,10 +268,11 @@ class _Connection(asyncio.Protocol):
             transport.write(out)
 
     def _flush_soon(self) -> None:
-        """Answers go out at the end of the loop iteration, all connections' together.
-        One epoll round usually brings requests on many connections; written one by one,
-        every answer woke the client anew (on a VM, a wake-up is an IPI and a few µs of
-        the server's system time), written back to back, the first wakes it for all."""
+        """Queue this connection's answers for the end of the loop iteration, when the
+        server writes every connection's answers back to back. One epoll round usually
+        brings requests on many connections; written one at a time, each answer woke the
+        client again (on a VM a wake-up is an IPI and a few µs of the server's system
+        time); back to back, the first write wakes it for all of them."""
         if not self._flush_queued:
             self._flush_queued = True
             self._server.flush_soon(self)
