@@ -376,11 +376,20 @@ def _finish_pending(v: View, p: KeyView, *, have_unlock_key: bool,
     return key_steps, header, needs and not have_unlock_key
 
 
+def _ours(v: View, k: KeyView) -> bool:
+    """Keyslot `k.keyslot` is bootkey's to remove: its Vault key opens it, or one of our
+    tokens still names it. The second covers a luksKillSlot cut short: cryptsetup wipes
+    the keyslot's area first and rewrites the metadata after, and only that rewrite
+    takes the keyslot out of its tokens — so a keyslot nothing opens that our token still
+    names is one of ours half removed, never a slot someone else has added since."""
+    return k.in_header and (k.opens or bool(v.tokens_for(k.keyslot)))
+
+
 def _retire(v: View, retire: Sequence[KeyView]) -> list[Step]:
-    """Kill the retiring keyslots that still open with their Vault key, remove tokens left
+    """Kill the retiring keyslots that are still ours (`_ours`), remove tokens left
     naming no live keyslot, drop the keys from Vault, shred old versions."""
     going = frozenset(k.keyslot for k in retire)
-    steps: list[Step] = [KillSlot(k.keyslot) for k in retire if k.in_header and k.opens]
+    steps: list[Step] = [KillSlot(k.keyslot) for k in retire if _ours(v, k)]
     steps += [RemoveToken(t) for t in v.orphan_tokens(keep=going)]
     steps.append(DropKeys(tuple(sorted(going))))
     if v.kv_version == 2:
@@ -507,7 +516,7 @@ def plan_rotate(v: View) -> Plan:
 def plan_unenroll(v: View, *, purge: bool, have_unlock_key: bool) -> Plan:
     """Remove bootkey's keyslots and tokens (and with `purge` the Vault entry), never the
     last keyslot: the operator's key must open one that stays."""
-    ours = frozenset(k.keyslot for k in v.keys if k.in_header and k.opens)
+    ours = frozenset(k.keyslot for k in v.keys if _ours(v, k))
     if not ours and not v.tokens and (v.entry is None or not purge):
         # The state unenroll asks for already holds (e.g. a finished or crashed-after-the-
         # last-step run): success, like `rm -f`.

@@ -107,6 +107,23 @@ def test_rotate_resume_after_commit_retires_old() -> None:
     assert "KillSlot" not in gone.names and e.RemoveToken(0) in gone.steps
 
 
+def test_a_kill_cut_short_is_finished_but_a_stranger_keyslot_is_left_alone() -> None:
+    # Keyslot 1 retiring, in the header, opened by nothing, still named by our token:
+    # luksKillSlot was interrupted after wiping the area. Finish the kill.
+    half = e.plan_rotate(view({0, 1, 2}, [(1, "retiring", False), (2, "active", True)],
+                              {0: {1}, 1: {2}}))
+    assert e.KillSlot(1) in half.steps
+    # The same keyslot number, but no token of ours names it: not ours to kill.
+    stranger = e.plan_rotate(view({0, 1, 2}, [(1, "retiring", False), (2, "active", True)],
+                                  {0: set(), 1: {2}}))
+    assert e.KillSlot(1) not in stranger.steps and e.DropKeys((1,)) in stranger.steps
+    # unenroll: the half-killed keyslot is removed along with the working one.
+    plan = e.plan_unenroll(view({0, 1, 2}, [(1, "retiring", False), (2, "active", True)],
+                                {0: {1}, 1: {2}}), purge=False, have_unlock_key=True)
+    assert {e.KillSlot(1), e.KillSlot(2)} <= set(plan.steps)
+    assert e.ProveRemaining((0,)) in plan.steps
+
+
 def test_rotate_withdraws_a_pending_key_whose_keyslot_was_taken() -> None:
     plan = e.plan_rotate(view({0, 1, 2}, [(1, "active", True), (2, "pending", False)],
                               {0: {1}}))
