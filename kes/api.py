@@ -12,8 +12,8 @@ authorization → handler.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
+import functools
 import json
 import logging
 import os
@@ -178,7 +178,7 @@ def _b64_field(obj: dict[str, Any], name: str, err: KesError = errors.INVALID_BO
 
 
 def _b64(b: bytes | bytearray) -> str:
-    return base64.b64encode(b).decode()
+    return _b64_bytes(b).decode()
 
 
 class Api:
@@ -201,7 +201,7 @@ class Api:
         self._exact = {r.path: r for r in self.routes if not r.prefix}
         self._prefix = {r.path: r for r in self.routes if r.prefix}
         # MinIO asks about the same few paths (one key, a few routes) all day long.
-        self._resolved: dict[str, tuple[Route, str, str] | None] = {}
+        self._resolve = functools.lru_cache(maxsize=RESOLVED_CACHE)(self.route_for)
 
     def _count_audit(self) -> None:
         self.metrics.audit_events += 1
@@ -233,18 +233,6 @@ class Api:
             # policies like `/v1/key/list/*` working the same.
             return r, "", r.path
         return None
-
-    def _resolve(self, path: str) -> tuple[Route, str, str] | None:
-        resolved = self._resolved
-        try:
-            return resolved[path]
-        except KeyError:
-            pass
-        found = self.route_for(path)
-        if len(resolved) >= RESOLVED_CACHE:
-            resolved.clear()  # a client walking many names: start over, stay bounded
-        resolved[path] = found
-        return found
 
     async def __call__(self, req: Request) -> Response:
         found = self._resolve(req.path)

@@ -202,7 +202,7 @@ def _b64(v: object) -> bytes:
 
 
 def hmac_sha256(key: Buffer, message: bytes) -> bytes:
-    h = hmac.HMAC(key, hashes.SHA256())
+    h = keyed_hmac(key)
     h.update(message)
     return h.finalize()
 

@@ -9,6 +9,7 @@ bytes through TLS and the socket; everything here is tested with plain values.
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -238,24 +239,10 @@ class _HeadTooLarge(Exception):
     pass
 
 
-_PATHS: dict[bytes, str | None] = {}
-PATH_CACHE = 4096  # request targets whose decoding is remembered (MinIO uses a handful)
-
-
+# MinIO sends a handful of distinct request targets: decode each once.
+@functools.lru_cache(maxsize=4096)
 def _decode_path(url: bytes) -> str | None:
     """Percent-decoded path without the query, as Go's `r.URL.Path`; None if unusable."""
-    try:
-        return _PATHS[url]
-    except KeyError:
-        pass
-    path = _decode_path_uncached(url)
-    if len(_PATHS) >= PATH_CACHE:
-        _PATHS.clear()
-    _PATHS[url] = path
-    return path
-
-
-def _decode_path_uncached(url: bytes) -> str | None:
     if url.startswith(b"/") and b"%" not in url and b"?" not in url and b"#" not in url:
         raw = url  # the common case, no parsing needed
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 MAX_NAME = 80  # KES validName/validPattern: at most 80 bytes
@@ -84,8 +84,7 @@ class PolicySet:
     admin: str = ""
     policies: Mapping[str, Policy] = field(default_factory=dict)
     _by_identity: Mapping[str, Policy] = field(default_factory=dict, repr=False)
-    _decisions: dict[tuple[str | None, str], bool] = field(
-        default_factory=dict, init=False, repr=False, compare=False)
+    _allowed: Callable[[str | None, str], bool] = field(init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, admin: str, policies: Iterable[Policy]) -> PolicySet:
@@ -124,17 +123,14 @@ class PolicySet:
     def identities(self) -> dict[str, Policy]:
         return dict(self._by_identity)
 
-    def allowed(self, identity: str | None, path: str) -> bool:
+    def __post_init__(self) -> None:
         # Remembered per (identity, path): a policy set never changes (a reload builds a
         # new one), and MinIO asks the same question for every object.
-        key = (identity, path)
-        decided = self._decisions.get(key)
-        if decided is None:
-            decided = self._decide(identity, path)
-            if len(self._decisions) >= DECISION_CACHE:
-                self._decisions.clear()
-            self._decisions[key] = decided
-        return decided
+        object.__setattr__(self, "_allowed",
+                           functools.lru_cache(maxsize=DECISION_CACHE)(self._decide))
+
+    def allowed(self, identity: str | None, path: str) -> bool:
+        return self._allowed(identity, path)
 
     def _decide(self, identity: str | None, path: str) -> bool:
         if self.is_admin(identity):
