@@ -165,7 +165,7 @@ class RequestParser:
                 self._die(400, str(exc.__context__ or exc) or type(exc).__name__)
         else:
             if self.state is State.HEADERS:  # the head is still incomplete
-                self._head_bytes += len(data)
+                self._head_bytes += self._chunk
                 if self._head_bytes > self._max_header_bytes:
                     self._die(431, "request head exceeds limit")
         return events

@@ -43,7 +43,7 @@ from OpenSSL import SSL
 
 from bootkey.errors import BootkeyError
 from kes import http1, tlsbio
-from kes.http import MAX_BODY, Handler, Response
+from kes.http import MAX_BODY, Handler, Request, Response
 from kes.identity import of_certificate
 from kes.tls import CertSource, TLSConfig, build_context, renewal_delay
 
@@ -124,6 +124,12 @@ class _Resume:
                     pending = coro.send(value)
                 except StopIteration as done:
                     return cast(Response, done.value)
+
+
+def _handler_failed(request: Request) -> Response:
+    """Call from an `except` block: log the handler's exception, answer 500."""
+    log.exception("kes: handler failed on %s %s", request.method, request.path)
+    return Response(500, _INTERNAL_ERROR)
 
 
 class _Connection(asyncio.Protocol):
@@ -402,8 +408,7 @@ class _Connection(asyncio.Protocol):
         except StopIteration as done:
             response: Response = done.value
         except Exception:
-            log.exception("kes: handler failed on %s %s", request.method, request.path)
-            response = Response(500, _INTERNAL_ERROR)
+            response = _handler_failed(request)
         else:
             return self._loop.create_task(self._finish(event, _Resume(coro, first)))
         if response.stream is not None:
@@ -442,8 +447,7 @@ class _Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("kes: handler failed on %s %s", request.method, request.path)
-            response = Response(500, _INTERNAL_ERROR)
+            response = _handler_failed(request)
         if response.stream is not None:
             await self._stream(event, response)
         else:
