@@ -33,7 +33,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
+# The venv uses the interpreter the .deb runs bootkey with (Debian's /usr/bin/python3, built
+# with PGO and LTO): tests and benchmarks then measure what ships. A python3 earlier on PATH
+# (pyenv's, say) may be a plain build: 15-20 % more CPU per KES request (docs/benchmarks.md).
+PY=${PYTHON:-/usr/bin/python3}
+PY_REAL=$(readlink -f "$(command -v "$PY")")
+if [ -x .venv/bin/python ] && [ "$(readlink -f .venv/bin/python)" != "$PY_REAL" ]; then
+  echo "setup: .venv was made with $(readlink -f .venv/bin/python), not $PY_REAL: recreating it"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
