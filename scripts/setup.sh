@@ -37,6 +37,10 @@ fi
 # with PGO and LTO): tests and benchmarks then measure what ships. A python3 earlier on PATH
 # (pyenv's, say) may be a plain build: 15-20 % more CPU per KES request (docs/benchmarks.md).
 PY=${PYTHON:-/usr/bin/python3}
+if ! command -v "$PY" >/dev/null; then
+  echo "setup: no interpreter at $PY — install python3 (apt) or set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
 PY_REAL=$(readlink -f "$(command -v "$PY")")
 if [ -x .venv/bin/python ] && [ "$(readlink -f .venv/bin/python)" != "$PY_REAL" ]; then
   echo "setup: .venv was made with $(readlink -f .venv/bin/python), not $PY_REAL: recreating it"
