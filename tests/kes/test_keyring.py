@@ -28,6 +28,7 @@ from kes.keyversion import KeyVersion, Timestamp
 from kes.vaultstore import VaultStoreConfig
 from tests.kes.conftest import TRANSIT_KEY, vault_store
 from tests.support.bao import DevBao
+from tests.support.wait import wait_for
 
 STORED = json.loads((Path(__file__).parent / "data" / "stored_keys.json").read_text())
 PB_VECTOR = STORED["valid"][-1]
@@ -315,11 +316,7 @@ def test_concurrent_misses_are_coalesced() -> None:
     threads = [threading.Thread(target=lambda: got.append(ring.get("k"))) for _ in range(8)]
     for t in threads:
         t.start()
-    # Wait (with a deadline) until the leader is inside the store read.
-    import time
-    deadline = time.monotonic() + 5
-    while store.reads == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    wait_for(lambda: store.reads > 0, what="the leader inside the store read")
     store.gate.set()
     for t in threads:
         t.join()
