@@ -63,6 +63,24 @@ def test_records_in_one_read_each_then_nothing() -> None:
         b"one", b"two", b"three", b""]
 
 
+def test_a_record_fed_in_pieces_comes_out_once_complete() -> None:
+    # Byte by byte: OpenSSL takes each piece out of the BIO into its own record buffer,
+    # so an empty BIO must not be read as "nothing can complete" too early, nor late.
+    server, client = pair()
+    client.send(b"split record")
+    client.send(b"next")
+    wire = client.bio_read(1 << 20)
+    first = len(wire) - len(b"next") - 22  # TLS 1.3: 5-byte header, 1-byte type, 16-byte tag
+    got = []
+    for i in range(first):
+        server.feed(wire[i:i + 1])
+        got.append(server.read())
+    assert got[:-1] == [b""] * (first - 1) and got[-1] == b"split record"
+    assert server.read() == b""
+    server.feed(wire[first:])
+    assert [server.read(), server.read()] == [b"next", b""]
+
+
 def test_a_response_larger_than_the_scratch_buffer_leaves_whole() -> None:
     server, client = pair()
     big = bytes(range(256)) * (3 * BIO_CHUNK // 256)  # ciphertext > 3 BIO_CHUNKs
