@@ -213,10 +213,9 @@ def new_data_key(key: Buffer, key_type: KeyType, context: bytes = b"", *,
     Key, iv and nonce come from one draw of the pool (kes.randpool: no system call)."""
     fresh = random_bytes(DEK_SIZE + IV_SIZE + NONCE_SIZE)
     dek = bytearray(fresh[:DEK_SIZE])
-    iv, nonce = fresh[DEK_SIZE:DEK_SIZE + IV_SIZE], fresh[DEK_SIZE + IV_SIZE:]
-    # `encrypt` without its argument checks: the sizes are right by construction.
-    sealed = _aead(key, key_type, iv, keyed).encrypt(nonce, dek, context or None)
-    return dek, sealed + iv + nonce
+    ct = encrypt(key, key_type, dek, context, iv=fresh[DEK_SIZE:DEK_SIZE + IV_SIZE],
+                 nonce=fresh[DEK_SIZE + IV_SIZE:], keyed=keyed)
+    return dek, ct
 
 
 def preferred_key_type() -> KeyType:

@@ -281,7 +281,7 @@ def test_internal_error_gets_fixed_text(api: Api, monkeypatch: pytest.MonkeyPatc
 
     def boom(*a: Any, **kw: Any) -> bytes:
         raise RuntimeError("internal detail")
-    monkeypatch.setattr(crypto, "new_data_key", boom)
+    monkeypatch.setattr(crypto, "encrypt", boom)
     with caplog.at_level(logging.ERROR, logger="kes.error"):
         r = call(api, "PUT", "/v1/key/generate/k", {})
     assert err(r) == (500, "failed to generate encryption key")
