@@ -47,6 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kes.http import Handler, Request, Response
 from kes.identity import of_certificate
 from tests.support.certs import Issued, make_ca, make_leaf
 
@@ -218,20 +221,27 @@ if service is not None and not cfg["trivial"]:
     svc = service.build(cfg["section"], source="bench")
     handler, tls = svc.handler, svc.tls
 else:
-    import base64, os
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from kes.http import Response
+    from bench.kes import trivial_handler
     from kes.tls import TLSConfig
-    aead = AESGCM(os.urandom(32))
-    async def handler(request):
-        ctx = base64.b64decode(json.loads(request.body or b"{}").get("context") or "")
-        dek = os.urandom(32)
-        ct = aead.encrypt(os.urandom(12), dek, ctx)
-        return Response(200, json.dumps({"plaintext": base64.b64encode(dek).decode(),
-                                         "ciphertext": base64.b64encode(ct).decode()}).encode())
+    handler = trivial_handler()
     tls = TLSConfig(open(cfg["cert"], "rb").read(), open(cfg["key"], "rb").read())
 run(handler, tls, "127.0.0.1", cfg["port"], workers=cfg["workers"])
 """
+
+
+def trivial_handler() -> Handler:
+    """A generate-like handler without the KES API (`--trivial`): the transport's cost."""
+    aead = AESGCM(os.urandom(32))
+
+    async def handler(request: Request) -> Response:
+        context = base64.b64decode(json.loads(request.body or b"{}").get("context") or "")
+        dek = os.urandom(32)
+        ciphertext = aead.encrypt(os.urandom(12), dek, context)
+        return Response(200, json.dumps({"plaintext": base64.b64encode(dek).decode(),
+                                         "ciphertext": base64.b64encode(ciphertext).decode(),
+                                         }).encode())
+
+    return handler
 
 
 @contextmanager
