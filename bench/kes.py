@@ -56,9 +56,9 @@ from tests.support.certs import Issued, make_ca, make_leaf
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 KEY = "bench-key"
-# The size of a generate answer: 32-byte plaintext and its ~150-byte ciphertext, base64.
 # MinIO's context for an object, as it sends it in generate/decrypt bodies.
 CONTEXT_B64 = base64.b64encode(b'{"MinIO":"bench/object"}').decode()
+# The size of a generate answer: 32-byte plaintext and its ~150-byte ciphertext, base64.
 STATIC_BODY = json.dumps({"plaintext": "A" * 44, "ciphertext": "B" * 200}, separators=(",", ":"))
 
 
