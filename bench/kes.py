@@ -49,8 +49,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kes.http import Handler, Request, Response
 from kes.identity import of_certificate
+from kes.messages import Handler, Request, Response
 from tests.support.certs import Issued, make_ca, make_leaf
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -222,7 +222,7 @@ if service is not None and not cfg["trivial"]:
     handler, tls = svc.handler, svc.tls
 else:
     from bench.kes import trivial_handler
-    from kes.tls import TLSConfig
+    from kes.tls_context import TLSConfig
     handler = trivial_handler()
     tls = TLSConfig(open(cfg["cert"], "rb").read(), open(cfg["key"], "rb").read())
 run(handler, tls, "127.0.0.1", cfg["port"], workers=cfg["workers"])
@@ -540,12 +540,12 @@ INPROC = r"""
 import asyncio, base64, json, sys, tempfile, time
 from pathlib import Path
 from OpenSSL import SSL
-from kes.http import Response
+from kes.messages import Response
 from kes.identity import of_certificate
 from kes.keyring import MemKeyStore
 from kes.keyversion import KeyVersion
 from kes.server import Server, _Connection
-from kes.tls import TLSConfig
+from kes.tls_context import TLSConfig
 from tests.support.certs import make_ca, make_leaf
 
 mode, n = sys.argv[1], int(sys.argv[2])

@@ -1,5 +1,5 @@
 """Probe: would the KES transport be cheaper on uvloop's C-level TLS (the stdlib `ssl`
-module) than on `kes.tlsbio`'s memory BIOs driven from Python?
+module) than on `kes.tls_session`'s memory BIOs driven from Python?
 
     .venv/bin/python -m bench.kes_stdlib_tls            # about 2 minutes
     .venv/bin/python -m bench.kes_stdlib_tls --quick    # smoke
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         files = Files.create(Path(tmp))
         body = files.path("generate.json")
         body.write_text(json.dumps({"context": CONTEXT_B64}))
-        servers = (("kes.tlsbio", bootkey_transport(files, 2, "", trivial=True)),
+        servers = (("kes.tls_session", bootkey_transport(files, 2, "", trivial=True)),
                    ("stdlib ssl", stdlib_server(files, 2)),
                    ("nginx-1", nginx(files, 1)), ("nginx-2", nginx(files, 2)))
         jobs = []

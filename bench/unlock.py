@@ -22,7 +22,7 @@ from pathlib import Path
 import hvac
 
 from bootkey import luks
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 from tests.support.bao import DevBao
 from tests.support.luksimg import PASSPHRASE, enroll_direct, make_image
 from tests.support.vaultenv import provision

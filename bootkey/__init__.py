@@ -1,3 +1,5 @@
 """bootkey: unlock LUKS volumes at boot with keys sealed in Vault, held only in locked memory."""
 
-__version__ = "0.1.0"
+from bootkey_core import __version__
+
+__all__ = ["__version__"]

@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
-from bootkey import luks, secret, unlock
+from bootkey import luks, unlock
 from bootkey.config import Config
-from bootkey.errors import BootkeyError, DeadlineExceeded
 from bootkey.journal import fields
 from bootkey.keysocket import KeySocketServer
 from bootkey.notify import Notifier, watchdog_interval
-from bootkey.secret import SecretBuffer
 from bootkey.unlock import Volume, VolumeResult
 from bootkey.vault import VaultSession, WaitInfo
+from bootkey_core import secret
+from bootkey_core.errors import BootkeyError, DeadlineExceeded
+from bootkey_core.secret import SecretBuffer
 
 log = logging.getLogger(__name__)
 

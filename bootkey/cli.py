@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from importlib import import_module
 
 from bootkey import __version__
-from bootkey.errors import BootkeyError
+from bootkey_core.errors import BootkeyError
 
 # Subcommand modules under bootkey.commands, in the order `--help` lists them.
 _COMMAND_MODULES = (

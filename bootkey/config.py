@@ -11,11 +11,10 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -23,44 +22,11 @@ from pydantic import (
     model_validator,
 )
 
-from bootkey.errors import ConfigError
+from bootkey_core.duration import Duration
+from bootkey_core.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/bootkey/bootkey.toml")
 MACHINE_ID = Path("/etc/machine-id")
-
-# Go's duration syntax (KES YAML uses it too): "250ms", "30s", "5m", "1h30m", "5m0s".
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
-          "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_EXAMPLE = 'use e.g. "30s", "5m", "1h30m" or a number of seconds'
-
-
-def parse_duration(value: Any) -> float:
-    """A duration string ("250ms", "30s", "5m", "1h30m") or a number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected a duration: {_EXAMPLE}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    s = value.strip()
-    if s == "0":
-        return 0.0
-    if s.startswith("-"):
-        raise ValueError(f"{value!r}: a duration cannot be negative")
-    s = s.removeprefix("+")
-    pos, total = 0, 0.0
-    for m in _PART.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or pos == 0:
-        raise ValueError(f"{value!r} is not a duration: {_EXAMPLE}")
-    return total
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Model(BaseModel):

@@ -25,7 +25,7 @@ import requests
 
 from bootkey import provision
 from bootkey.config import VaultConfig
-from bootkey.errors import BootkeyError
+from bootkey_core.errors import BootkeyError
 
 Say = Callable[[str], None]
 

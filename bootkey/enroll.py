@@ -41,7 +41,9 @@ from pydantic import ValidationError
 
 from bootkey import _proc, keystore, luks
 from bootkey.config import Config
-from bootkey.errors import (
+from bootkey.keystore import BootkeyToken, Entry, Location, SealedKey
+from bootkey.vault import VaultSession
+from bootkey_core.errors import (
     BootkeyError,
     CryptsetupFailed,
     DeviceBusy,
@@ -55,9 +57,7 @@ from bootkey.errors import (
     VaultNotFound,
     WrongKey,
 )
-from bootkey.keystore import BootkeyToken, Entry, Location, SealedKey
-from bootkey.secret import SecretBuffer
-from bootkey.vault import VaultSession
+from bootkey_core.secret import SecretBuffer
 
 log = logging.getLogger(__name__)
 

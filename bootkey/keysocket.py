@@ -38,8 +38,8 @@ from typing import Protocol
 
 from bootkey._wakeup import stop_thread
 from bootkey.config import KeysocketConfig
-from bootkey.errors import ConfigError
-from bootkey.secret import SecretBuffer
+from bootkey_core.errors import ConfigError
+from bootkey_core.secret import SecretBuffer
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bootkey.config import Config
-from bootkey.errors import VaultBadAnswer
-from bootkey.secret import SecretBuffer
 from bootkey.vault import VaultSession
+from bootkey_core.errors import VaultBadAnswer
+from bootkey_core.secret import SecretBuffer
 
 ENTRY_FORMAT = 1
 TOKEN_TYPE = "bootkey"

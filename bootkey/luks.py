@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bootkey import _proc
-from bootkey.errors import (
+from bootkey_core.errors import (
     CryptsetupFailed,
     DeviceBusy,
     DeviceNotFound,
@@ -33,7 +33,7 @@ from bootkey.errors import (
     NotLuks,
     WrongKey,
 )
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 
 # Machine keys are 64 random bytes: a slow KDF only slows boot (DESIGN §4). The same
 # choice systemd-cryptenroll and clevis make.

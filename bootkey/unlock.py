@@ -21,7 +21,10 @@ from pydantic import ValidationError
 
 from bootkey import keystore, luks
 from bootkey.config import Config, VolumeConfig
-from bootkey.errors import (
+from bootkey.journal import fields
+from bootkey.keystore import BootkeyToken, Location
+from bootkey.vault import VaultSession
+from bootkey_core.errors import (
     BootkeyError,
     DeadlineExceeded,
     PartialFailure,
@@ -29,10 +32,7 @@ from bootkey.errors import (
     VaultNotFound,
     WrongKey,
 )
-from bootkey.journal import fields
-from bootkey.keystore import BootkeyToken, Location
-from bootkey.secret import SecretBuffer
-from bootkey.vault import VaultSession
+from bootkey_core.secret import SecretBuffer
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from tenacity import (
 )
 
 from bootkey.config import Config, VaultConfig
-from bootkey.errors import (
+from bootkey_core.errors import (
     ConfigError,
     VaultAuthFailed,
     VaultBadAnswer,
@@ -43,7 +43,7 @@ from bootkey.errors import (
     VaultNotFound,
     VaultUnavailable,
 )
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

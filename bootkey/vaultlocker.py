@@ -23,9 +23,9 @@ import hvac.exceptions
 
 from bootkey import enroll, luks, unlock
 from bootkey.config import Config
-from bootkey.errors import BootkeyError, NotLuks
-from bootkey.secret import SecretBuffer
 from bootkey.vault import VaultSession
+from bootkey_core.errors import BootkeyError, NotLuks
+from bootkey_core.secret import SecretBuffer
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The KES API (shared/kes-api.md §1.2-§2): routing, authorization and one handler per
-route, as a `kes.http.Handler`. Sans-I/O with respect to the network: the transport hands
+route, as a `kes.messages.Handler`. Sans-I/O with respect to the network: the transport hands
 in a complete `Request` and sends back the `Response`.
 
 Invariant: every answer a client sees is either 200 with KES's exact JSON, or a `KesError`
@@ -24,16 +24,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from bootkey import __version__
-from bootkey.secret import SecretBuffer
+from bootkey_core import __version__
+from bootkey_core.secret import SecretBuffer
 from kes import crypto, errors
 from kes import policy as pol
 from kes.audit import Audit, LogHub
 from kes.crypto import KeyType, NotAuthentic
 from kes.errors import KesError
-from kes.http import MAX_BODY, Request, Response
 from kes.keyring import KeyExists, KeyNotFound, Keyring, StoreError, StoreUnreachable
 from kes.keyversion import KeyVersion, Timestamp
+from kes.messages import MAX_BODY, Request, Response
 from kes.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kes.metrics import Metrics, memory_usage, usable_cpus
 

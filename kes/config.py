@@ -30,8 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-from bootkey.config import Duration  # Go-style durations, as KES YAML writes them
-from bootkey.errors import ConfigError
+from bootkey_core.duration import Duration  # Go-style durations, as KES YAML writes them
+from bootkey_core.errors import ConfigError
 from kes import policy as pol
 
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 from cryptography import x509
 
-from kes.http import MAX_BODY, Request
+from kes.messages import MAX_BODY, Request
 
 # Go's net/http allows 1 MiB of headers; KES clients send a few hundred bytes. 64 KiB
 # bounds what one idle connection can make us hold while staying far above real use.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hmac
 
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 from kes import crypto
 from kes.crypto import ALGORITHMS, KEY_SIZE, KeyType
 

@@ -19,7 +19,7 @@ import io
 import os
 import threading
 
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 
 POOL_SIZE = 16 * 1024  # about 270 data keys per read of /dev/urandom
 

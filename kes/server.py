@@ -1,6 +1,6 @@
 """The KES transport: mTLS + HTTP/1.1 on asyncio, TLS through OpenSSL memory BIOs.
 
-One `_Connection` (an `asyncio.Protocol`) per client owns a `kes.tlsbio.Session`:
+One `_Connection` (an `asyncio.Protocol`) per client owns a `kes.tls_session.Session`:
 ciphertext from the socket is written into OpenSSL, plaintext read out of it is fed to
 the sans-I/O `kes.http1.RequestParser`, and every time OpenSSL is called its outgoing
 BIO is drained to the socket (KES-TLS-STACKS.md pitfall 1: a missed flush hangs a
@@ -41,11 +41,11 @@ from typing import Any, TypedDict, Unpack, cast
 
 from OpenSSL import SSL
 
-from bootkey.errors import BootkeyError
-from kes import http1, tlsbio
-from kes.http import MAX_BODY, Handler, Request, Response
+from bootkey_core.errors import BootkeyError
+from kes import http1, tls_session
 from kes.identity import of_certificate
-from kes.tls import CertSource, TLSConfig, build_context, renewal_delay
+from kes.messages import MAX_BODY, Handler, Request, Response
+from kes.tls_context import CertSource, TLSConfig, build_context, renewal_delay
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = server.loop
-        self._tls = tlsbio.Session(server.context, server.scratch)
+        self._tls = tls_session.Session(server.context, server.scratch)
         self._transport: asyncio.Transport | None = None
         self._parser: http1.RequestParser | None = None  # created at the handshake
         self._pending: collections.deque[http1.Event] = collections.deque()
@@ -551,10 +551,10 @@ class _Connection(asyncio.Protocol):
 class Server:
     """The KES listener on a running event loop.
 
-    `tls` is a `TLSConfig`, or an `SSL.Context` already built with `kes.tls.build_context`
+    `tls` is a `TLSConfig`, or an `SSL.Context` already built with `kes.tls_context.build_context`
     (workers share one so that their session tickets are interchangeable).
     With `cert_source`, the certificate is issued again when two thirds of its lifetime
-    have passed (`kes.tls.renewal_delay`) and new connections get the new one; a failed
+    have passed (`kes.tls_context.renewal_delay`) and new connections get the new one; a failed
     renewal is retried every `RENEW_RETRY` seconds while the old certificate serves on.
     """
 
@@ -574,7 +574,7 @@ class Server:
         self.handler = handler
         self.context = build_context(tls) if isinstance(tls, TLSConfig) else tls
         self.cert_pem = tls.cert_pem if isinstance(tls, TLSConfig) else None
-        self.scratch = tlsbio.Scratch()  # used by this server's loop thread only
+        self.scratch = tls_session.Scratch()  # used by this server's loop thread only
         self._cert_received = dt.datetime.now(dt.UTC)
         self._cert_source = cert_source
         self._renewer: asyncio.Task[None] | None = None

@@ -28,16 +28,16 @@ import hvac
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from bootkey import secret
-from bootkey.errors import ConfigError, VaultAuthFailed, VaultUnavailable
+from bootkey_core import secret
+from bootkey_core.errors import ConfigError, VaultAuthFailed, VaultUnavailable
 from kes import config as kconf
 from kes.api import Api
 from kes.audit import HubHandler
-from kes.http import Request, Response
 from kes.keyring import CacheExpiry, KeyExists, Keyring, KeyStore
 from kes.keyversion import KeyVersion
+from kes.messages import Request, Response
 from kes.server import ServerThread
-from kes.tls import CertSource, TLSConfig, VaultPKI
+from kes.tls_context import CertSource, TLSConfig, VaultPKI
 from kes.vaultstore import VaultKeyStore, VaultStoreConfig
 
 log = logging.getLogger("kes.error")
@@ -63,7 +63,7 @@ class Service:
     _built_in: int = field(default_factory=os.getpid)
 
     def handler(self, req: Request) -> Coroutine[Any, Any, Response]:
-        """The `kes.http.Handler`: the API's own coroutine, with no wrapper around it."""
+        """The `kes.messages.Handler`: the API's own coroutine, with no wrapper around it."""
         # Threads do not survive fork: the keyring's probe thread starts in the process
         # that serves (each worker), on its first request.
         if not self._started:

@@ -48,7 +48,7 @@ fi
 # Copy the source tree so the build leaves no build/ or egg-info in the checkout.
 mkdir -p "$W/src"
 (cd "$REPO" && tar -cf - --exclude=__pycache__ --exclude="*.egg-info" \
-  pyproject.toml README.md bootkey kes) | tar -xf - -C "$W/src"
+  pyproject.toml README.md bootkey bootkey_core kes) | tar -xf - -C "$W/src"
 # No debug info and no build paths in systemd-python's extension: the build ID and bytes
 # then depend only on the source, not on the random work directory.
 export CFLAGS="-g0 -ffile-prefix-map=$W=/build"

@@ -159,7 +159,7 @@ def test_socket_mode_serves_verified_keys_to_systemd_clients(
         vault_env2: VaultEnv, tmp_path: Path, notify: NotifyListener) -> None:
     """mode = "socket": the agent opens nothing itself and answers systemd-cryptsetup's
     requests on the key socket with each volume's Vault key, verbatim."""
-    from bootkey.secret import SecretBuffer
+    from bootkey_core.secret import SecretBuffer
     from tests.test_keysocket import systemd_client
 
     cfg = vault_env2.config()

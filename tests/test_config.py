@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from bootkey import config
-from bootkey.errors import ConfigError
+from bootkey_core.duration import parse_duration
+from bootkey_core.errors import ConfigError
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -15,13 +16,13 @@ from bootkey.errors import ConfigError
     (1.5, 1.5), ("1h30m", 5400.0), ("5m0s", 300.0),
 ])
 def test_durations(text: object, seconds: float) -> None:
-    assert config.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("bad", ["soon", "5 minutes", "-3s", -1, True, "", "2 s", "5x"])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match=r"duration|negative"):
-        config.parse_duration(bad)
+        parse_duration(bad)
 
 
 def test_defaults_match_the_design() -> None:

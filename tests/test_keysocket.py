@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from bootkey.config import KeysocketConfig
-from bootkey.errors import ConfigError
 from bootkey.keysocket import (
     Decline,
     KeyRequest,
@@ -35,7 +34,8 @@ from bootkey.keysocket import (
     place_key_links,
     remove_key_links,
 )
-from bootkey.secret import SecretBuffer
+from bootkey_core.errors import ConfigError
+from bootkey_core.secret import SecretBuffer
 from tests.support.luksimg import make_image
 from tests.support.wait import wait_for
 
@@ -417,7 +417,7 @@ import sys, logging
 from pathlib import Path
 from bootkey.config import KeysocketConfig
 from bootkey.keysocket import KeySocketServer
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 cfg = KeysocketConfig(path=Path(sys.argv[1]), timeout=5)
 srv = KeySocketServer(cfg, lambda v, d: SecretBuffer.from_bytes(b"activated-" + v.encode()),
                       lambda v: v == "data")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 
 
 def test_buffer_hides_and_wipes() -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 from tests.support.bao import DevBao
 from tests.support.luksimg import enroll_direct, make_image
 from tests.support.notify import NotifyListener

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bootkey import errors, keysocket
+from bootkey import keysocket
 from bootkey.config import KeysocketConfig
+from bootkey_core import errors
 from tests.support import bootgraph
 
 pytestmark = pytest.mark.skipif(not bootgraph.available(), reason="systemd not installed")

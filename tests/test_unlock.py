@@ -73,7 +73,7 @@ def test_wrong_key_in_vault_clear_error_header_unchanged(vault_env2: VaultEnv,
     enr = enroll_direct(cfg, vault_env2.enroll_token, dev, name="w")
     # Replace the sealed key with a validly sealed *different* key.
     session = VaultSession(cfg.vault, token=vault_env2.enroll_token)
-    from bootkey.secret import SecretBuffer
+    from bootkey_core.secret import SecretBuffer
 
     with SecretBuffer.random(64) as other:
         sealed = keystore.seal(session, enr.location, other)

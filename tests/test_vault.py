@@ -10,14 +10,14 @@ import hvac
 import pytest
 
 from bootkey import config as cfgmod
-from bootkey.errors import (
+from bootkey.vault import VaultSession
+from bootkey_core.errors import (
     ConfigError,
     VaultAuthFailed,
     VaultConflict,
     VaultDenied,
     VaultUnavailable,
 )
-from bootkey.vault import VaultSession
 from tests.support.bao import DevBao, free_port
 from tests.support.vaultenv import VaultEnv
 

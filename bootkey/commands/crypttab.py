@@ -7,7 +7,7 @@ import sys
 
 from bootkey import crypttab, unlock
 from bootkey.commands.common import load_config
-from bootkey.errors import UsageError
+from bootkey_core.errors import UsageError
 
 HELP = """\
 Print the /etc/crypttab and /etc/fstab lines for every configured or enrolled volume,

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.volumes <= 64:
-        from bootkey.errors import UsageError
+        from bootkey_core.errors import UsageError
 
         raise UsageError("demo: --volumes takes 1 to 64")
     return run_demo(print, volumes=args.volumes, keep=args.keep)

@@ -16,12 +16,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from bootkey import enroll, secret, unlock, vaultlocker
+from bootkey import enroll, unlock, vaultlocker
 from bootkey.commands.common import load_config, print_json
 from bootkey.config import Config
-from bootkey.errors import ConfigError, UsageError
-from bootkey.secret import SecretBuffer
 from bootkey.vault import VaultSession
+from bootkey_core import secret
+from bootkey_core.errors import ConfigError, UsageError
+from bootkey_core.secret import SecretBuffer
 
 # Test-only hook (the crash tests): SIGKILL this process right after the named step,
 # e.g. BOOTKEY_TEST_KILL_AFTER=AddKeyslot, or AddKeyslot#2 for its second occurrence.

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bootkey.errors import BootkeyError, ConfigError, UsageError
+from bootkey_core.errors import BootkeyError, ConfigError, UsageError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from bootkey.config import Config as BootkeyConfig
     from kes.config import KesConfig
     from kes.service import Service
-    from kes.tls import CertSource
+    from kes.tls_context import CertSource
 
 HELP = """\
 KES endpoint for MinIO (SSE-S3/SSE-KMS), with master keys in Vault.
@@ -181,7 +181,7 @@ def run_vault_policy(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from bootkey import secret
+    from bootkey_core import secret
     from kes import service
     from kes.config import host_port
 
@@ -238,7 +238,7 @@ def _serve_dev(args: argparse.Namespace) -> int:
     from kes import service
     from kes.apikey import APIKey
     from kes.keyring import MemKeyStore
-    from kes.tls import TLSConfig
+    from kes.tls_context import TLSConfig
 
     admin = APIKey.generate()
     server_key = APIKey.generate()  # an Ed25519 key pair is all a dev certificate needs

@@ -7,11 +7,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bootkey import secret, unlock
+from bootkey import unlock
 from bootkey.commands.common import load_config, print_json, table
-from bootkey.errors import BootkeyError, UsageError
 from bootkey.unlock import Outcome, VolumeResult
 from bootkey.vault import VaultSession
+from bootkey_core import secret
+from bootkey_core.errors import BootkeyError, UsageError
 
 HELP = """\
 Fetch each volume's sealed key from Vault, unseal it into locked memory and open the

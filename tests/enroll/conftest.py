@@ -16,8 +16,8 @@ import pytest
 
 from bootkey import config as cfgmod
 from bootkey import enroll, keystore, luks
-from bootkey.secret import SecretBuffer
 from bootkey.vault import VaultSession
+from bootkey_core.secret import SecretBuffer
 from tests.support.luksimg import PASSPHRASE, make_image
 from tests.support.vaultenv import VaultEnv
 

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bootkey import enroll as e
-from bootkey.errors import BootkeyError, LastKeyslot, NoFreeKeyslot, UsageError, VaultConflict
 from bootkey.keystore import Entry, SealedKey
+from bootkey_core.errors import BootkeyError, LastKeyslot, NoFreeKeyslot, UsageError, VaultConflict
 
 SEALED = "vault:v1:AAAA"
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from bootkey import keystore, luks
-from bootkey.errors import VaultBadAnswer, VaultDenied
-from bootkey.secret import SecretBuffer
 from bootkey.vault import VaultSession
+from bootkey_core.errors import VaultBadAnswer, VaultDenied
+from bootkey_core.secret import SecretBuffer
 from tests.enroll.conftest import Env, secret_of
 from tests.support.bao import DevBao
 from tests.support.vaultenv import new_host_id, provision

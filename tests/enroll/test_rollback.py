@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from bootkey import enroll, keystore
-from bootkey.errors import BootkeyError
+from bootkey_core.errors import BootkeyError
 from tests.enroll.conftest import Env, secret_of
 from tests.enroll.test_crash import assert_done, boundaries, do_enroll, do_rotate
 from tests.support.luksimg import PASSPHRASE, header_digest

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from kes.api import Api
-from kes.http import Request, Response
+from kes.messages import Request, Response
 
 ADMIN = "ad" * 32
 MINIO = "1f" * 32

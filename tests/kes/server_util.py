@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kes.http import Request, Response
-from kes.tls import TLSConfig
+from kes.messages import Request, Response
+from kes.tls_context import TLSConfig
 from tests.support.certs import Issued, make_ca, make_leaf
 from tests.support.wait import wait_for  # noqa: F401 - used by the transport tests
 

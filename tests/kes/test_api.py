@@ -12,8 +12,8 @@ import pytest
 
 from kes.api import Api
 from kes.crypto import KeyType
-from kes.http import MAX_BODY, Request
 from kes.keyring import Keyring, MemKeyStore, StoreError, StoreUnreachable
+from kes.messages import MAX_BODY, Request
 from kes.policy import Policy, PolicySet
 from tests.kes.apitools import ADMIN, MINIO, OTHER, b64, call, err, js
 

@@ -36,5 +36,5 @@ def test_stdlib_tls_probe_runs_and_its_server_takes_self_signed_clients_only(
     # in docs/benchmarks.md are only worth something for a server that meets that.
     assert bench_stdlib_tls.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    assert "| kes.tlsbio |" in out
+    assert "| kes.tls_session |" in out
     assert "| stdlib ssl |" in out

@@ -112,7 +112,7 @@ keystore:
             assert any("created key 'minio-default' from the config" in ln for ln in lines)
             assert f"listening on 127.0.0.1:{port}" in lines[-1], lines
             if os.geteuid() == 0:  # root has CAP_IPC_LOCK: keys live in locked memory
-                from bootkey.secret import vm_locked_kib
+                from bootkey_core.secret import vm_locked_kib
                 assert vm_locked_kib(proc.pid) > 0
             ctx = pki.client_context(None)
             cert, key = tmp_path / "ak.crt", tmp_path / "ak.key"

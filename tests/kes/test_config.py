@@ -6,8 +6,8 @@ import tomllib
 
 import pytest
 
-from bootkey.config import parse_duration
-from bootkey.errors import ConfigError
+from bootkey_core.duration import parse_duration
+from bootkey_core.errors import ConfigError
 from kes import config as kconf
 
 ADMIN = "ad" * 32

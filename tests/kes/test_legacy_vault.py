@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bootkey.secret import SecretBuffer
+from bootkey_core.secret import SecretBuffer
 from kes import keyversion
 from kes.api import Api
 from kes.crypto import KeyType

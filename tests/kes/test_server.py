@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from bootkey.errors import ConfigError
-from kes.http import MAX_BODY, Request, Response
+from bootkey_core.errors import ConfigError
 from kes.identity import of_certificate
+from kes.messages import MAX_BODY, Request, Response
 from kes.server import ServerThread
-from kes.tls import TLSConfig
+from kes.tls_context import TLSConfig
 from tests.kes.server_util import Pki, Reader, Recorder, connect, request, wait_for
 from tests.support.certs import make_ca, make_leaf
 
@@ -607,7 +607,7 @@ def test_tls_config_repr_hides_the_key(pki: Pki) -> None:
 
 
 def test_shared_context_is_accepted(pki: Pki, client_ctx: ssl.SSLContext) -> None:
-    from kes.tls import build_context
+    from kes.tls_context import build_context
 
     ctx = build_context(pki.tls())
     assert isinstance(ctx, SSL.Context)

@@ -10,9 +10,9 @@ import hvac
 import pytest
 from cryptography import x509
 
-from bootkey.errors import ConfigError, VaultDenied
+from bootkey_core.errors import ConfigError, VaultDenied
 from kes.server import ServerThread
-from kes.tls import VaultPKI, renewal_delay
+from kes.tls_context import VaultPKI, renewal_delay
 from tests.kes.server_util import Reader, Recorder, connect, request, wait_for
 from tests.support.bao import DevBao
 from tests.support.certs import make_leaf

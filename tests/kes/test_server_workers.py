@@ -18,9 +18,9 @@ from tests.support.certs import make_leaf
 
 SCRIPT = r"""
 import os, signal, sys
-from kes.http import Response
+from kes.messages import Response
 from kes.server import run
-from kes.tls import TLSConfig
+from kes.tls_context import TLSConfig
 
 hups = 0
 def on_hup(signum, frame):

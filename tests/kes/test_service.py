@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from bootkey.errors import ConfigError
+from bootkey_core.errors import ConfigError
 from kes import service
 from kes.identity import of_certificate
 from kes.keyring import MemKeyStore
@@ -115,7 +115,7 @@ def test_forked_worker_hardens_itself_before_its_first_request(tmp_path: Path) -
         code = 1
         try:
             os.close(r)
-            from bootkey.secret import vm_locked_kib
+            from bootkey_core.secret import vm_locked_kib
             svc.start()
             os.write(w, str(vm_locked_kib()).encode())
             code = 0
@@ -130,7 +130,7 @@ def test_forked_worker_hardens_itself_before_its_first_request(tmp_path: Path) -
 
 
 def test_standalone_vault_login_errors_are_classified(tmp_path: Path) -> None:
-    from bootkey.errors import VaultAuthFailed, VaultUnavailable
+    from bootkey_core.errors import VaultAuthFailed, VaultUnavailable
     from tests.support.bao import DevBao, free_port
     pki = Pki.create(tmp_path)
     sec = _section(pki, tmp_path, keystore={"vault": {

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from bootkey import config as cfgmod
 from bootkey import keystore, luks
-from bootkey.secret import SecretBuffer
 from bootkey.vault import VaultSession
+from bootkey_core.secret import SecretBuffer
 
 PASSPHRASE = b"correct horse battery staple"
 HEADER_BYTES = 16 * 1024 * 1024  # LUKS2 default header area

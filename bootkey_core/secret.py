@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from bootkey.errors import MemoryLockError
+from bootkey_core.errors import MemoryLockError
 
 log = logging.getLogger(__name__)
 

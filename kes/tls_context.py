@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
-from bootkey.errors import (
+from bootkey_core.errors import (
     ConfigError,
     VaultBadAnswer,
     VaultDenied,

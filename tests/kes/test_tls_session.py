@@ -1,4 +1,4 @@
-"""kes.tlsbio.Session against a pyOpenSSL client, through memory only: the byte
+"""kes.tls_session.Session against a pyOpenSSL client, through memory only: the byte
 accounting the server relies on (whole responses out, one record per read, close_notify,
 errors)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from OpenSSL import SSL
 
-from kes.tls import TLSConfig, build_context
-from kes.tlsbio import BIO_CHUNK, Scratch, Session
+from kes.tls_context import TLSConfig, build_context
+from kes.tls_session import BIO_CHUNK, Scratch, Session
 from tests.support.certs import make_ca, make_leaf
 
 

@@ -138,7 +138,7 @@ def check() -> None:
     missing = [name for name in ("_ssl", "_into_ssl", "_from_ssl", "_raise_ssl_error")
                if not hasattr(conn, name)]
     if missing:
-        raise ImportError(f"kes.tlsbio: pyOpenSSL's Connection lacks {', '.join(missing)}; "
+        raise ImportError(f"kes.tls_session: pyOpenSSL's Connection lacks {', '.join(missing)}; "
                           "install a pyOpenSSL release this bootkey supports (see pyproject.toml)")
 
 
