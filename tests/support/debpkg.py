@@ -20,7 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TEST_EPOCH = "1700000000"
 # What build-deb.sh reads from the tree.
-_INPUTS = ("pyproject.toml", "README.md", "bootkey", "bootkey_core", "kes", "systemd", "docs", "packaging")
+_INPUTS = ("pyproject.toml", "README.md", "bootkey", "bootkey_core", "kes", "systemd", "docs",
+           "packaging")
 BUILD_TIMEOUT = 600.0  # cold pip cache: downloads every wheel and compiles systemd-python
 
 
