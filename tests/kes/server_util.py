@@ -15,7 +15,9 @@ from pathlib import Path
 from kes.messages import Request, Response
 from kes.tls_context import TLSConfig
 from tests.support.certs import Issued, make_ca, make_leaf
-from tests.support.wait import wait_for  # noqa: F401 - used by the transport tests
+from tests.support.wait import wait_for
+
+__all__ = ["wait_for"]  # the transport tests import it from here
 
 
 @dataclass
@@ -154,7 +156,7 @@ class Reader:
         return Reply(status, headers, body)
 
     def chunks(self) -> list[bytes]:
-        out = []
+        out: list[bytes] = []
         while True:
             size = int(self._line(), 16)
             if size == 0:
