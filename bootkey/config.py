@@ -11,9 +11,10 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -107,18 +108,28 @@ class UnlockConfig(_Model):
     ready_timeout: Duration = 30.0
 
 
+# The mapping name at unlock (/dev/mapper/NAME): device-mapper allows 127 bytes and
+# no '/'; the first character is alphanumeric so a name never looks like an option.
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}")
+VOLUME_NAME_RULE = "letters, digits, _ . + - (at most 127, starting with a letter or digit)"
+
+
+def check_volume_name(name: str) -> str:
+    """The one volume-name rule ([[volume]] name, `enroll --name`): returns `name`, or
+    raises ValueError saying what a usable name looks like."""
+    if not _VOLUME_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a usable mapping name: {VOLUME_NAME_RULE}")
+    return name
+
+
+VolumeName = Annotated[str, AfterValidator(check_volume_name)]
+
+
 class VolumeConfig(_Model):
-    name: str
+    name: VolumeName
     device: str
     readonly: bool = False
     discard: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _dm_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}", v):
-            raise ValueError(f"{v!r} is not a usable mapping name: letters, digits, _ . + -")
-        return v
 
 
 class KeysocketConfig(_Model):
