@@ -18,7 +18,8 @@ Timeouts follow KES (read-header 5 s, idle 90 s) plus a handshake and a body tim
 are checked by one sweep per server instead of a timer per request.
 
 Entry points: `Server` (async, for a running loop), `ServerThread` (its own loop in a
-thread: tests and the agent) and `run` (blocking, signals, optional SO_REUSEPORT workers).
+thread: tests and the agent) and `run` (blocking, signals; with `workers > 1` the
+SO_REUSEPORT process supervisor in kes/workers.py forks and watches the workers).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import datetime as dt
 import logging
 import os
@@ -43,6 +43,7 @@ from OpenSSL import SSL
 
 from bootkey_core.errors import BootkeyError
 from kes import http1, tls_session
+from kes import workers as workers_
 from kes.identity import of_certificate
 from kes.messages import MAX_BODY, Handler, Request, Response
 from kes.tls_context import CertSource, TLSConfig, build_context, renewal_delay
@@ -766,29 +767,7 @@ class ServerThread:
         await self.server.close()
 
 
-# Blocking entry point with workers ------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(0)
-
-
-def _listener(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+# Blocking entry point ---------------------------------------------------------------
 
 
 async def _serve_until_signal(
@@ -830,14 +809,11 @@ def run(
     """Serve until SIGTERM or SIGINT; call it from the main thread (signal handling, and
     PR_SET_PDEATHSIG fires when the forking *thread* ends).
 
-    With `workers > 1` the parent builds the SSL context and all listening sockets
-    (SO_REUSEPORT, same port), forks one worker per socket and only supervises: it
-    forwards SIGTERM/SIGINT as SIGTERM, and if a worker dies it stops the others and
-    raises. Workers die with the parent (PR_SET_PDEATHSIG). Anything the handler holds
+    With `workers > 1` the parent builds the SSL context, then `kes.workers` binds the
+    SO_REUSEPORT sockets, forks one worker per socket and supervises them (signal
+    forwarding, SIGHUP for reload, a dead worker stops all). Anything the handler holds
     that cannot survive fork (threads, open connections) must be created lazily, in the
-    worker. If the caller installed a SIGHUP handler (config reload), the parent forwards
-    SIGHUP to the workers, so that `kill -HUP <main pid>` (systemd's ExecReload) reaches
-    the processes that serve; the parent itself does not run the handler.
+    worker.
 
     `ready(port)`, if given, is called once everything listens. With `cert_source` each
     worker renews on its own (see `Server`); after a renewal the workers' session-ticket
@@ -857,89 +833,7 @@ def run(
 
     if workers <= 1:
         server = make_server()
-        _serve_in_process(server, _listener(host, port, reuse_port=False), ready)
+        _serve_in_process(server, workers_.listener(host, port, reuse_port=False), ready)
         return
-
-    socks = [_listener(host, port, reuse_port=True)]
-    bound = socks[0].getsockname()[1]
-    socks += [_listener(host, bound, reuse_port=True) for _ in range(workers - 1)]
-    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
-    if callable(signal.getsignal(signal.SIGHUP)):
-        watched.add(signal.SIGHUP)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    parent = os.getpid()
-    children: dict[int, int] = {}
-    try:
-        for i, sock in enumerate(socks):
-            pid = os.fork()
-            if pid == 0:  # worker
-                code = 0
-                try:
-                    _die_with_parent(parent)
-                    for other in socks:
-                        if other is not sock:
-                            other.close()
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                    _serve_in_process(make_server(), sock)
-                except BaseException:  # a worker must not return into run()'s caller
-                    log.exception("kes: worker %d failed", i)
-                    code = 1
-                finally:
-                    logging.shutdown()
-                    os._exit(code)
-            children[pid] = i
-        for sock in socks:
-            sock.close()
-        if ready is not None:
-            ready(bound)
-        _supervise(children, watched)
-    finally:
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
-def _supervise(children: dict[int, int], watched: set[signal.Signals]) -> None:
-    """Wait for a stop signal or a dead worker, passing SIGHUP on; then stop all workers
-    and reap them. Entries are removed from `children` as they are reaped."""
-    failed = False
-    while True:
-        info = signal.sigwaitinfo(watched)
-        if info.si_signo == signal.SIGHUP:
-            for pid in children:
-                os.kill(pid, signal.SIGHUP)
-            continue
-        if info.si_signo != signal.SIGCHLD:
-            break
-        if _reap(children):
-            failed = True
-            break
-    for pid in children:
-        os.kill(pid, signal.SIGTERM)
-    give_up = time.monotonic() + SHUTDOWN_GRACE + 5.0
-    while children and time.monotonic() < give_up:
-        signal.sigtimedwait({signal.SIGCHLD}, 0.1)
-        _reap(children)
-    if failed:
-        raise RuntimeError("kes: a worker process exited unexpectedly; all workers stopped")
-
-
-def _reap(children: dict[int, int]) -> bool:
-    """Collect exited workers; True if any did."""
-    any_exited = False
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            children.clear()
-            return True
-        if pid == 0:
-            break
-        if children.pop(pid, None) is not None:
-            any_exited = True
-            log.info("kes: worker %d exited with status %d", pid, os.waitstatus_to_exitcode(status))
-    return any_exited
+    workers_.run(lambda sock: _serve_in_process(make_server(), sock), host, port, workers,
+                 ready=ready, grace=timeouts.get("shutdown_grace", SHUTDOWN_GRACE))
