@@ -39,14 +39,15 @@ from email.utils import formatdate
 from types import TracebackType
 from typing import Any, TypedDict, Unpack, cast
 
+from cryptography import x509
 from OpenSSL import SSL
 
 from bootkey_core.errors import BootkeyError
-from kes import http1, tls_session
+from kes import http1, http2, tls_session
 from kes import workers as workers_
 from kes.identity import of_certificate
 from kes.messages import MAX_BODY, Handler, Request, Response
-from kes.tls_context import CertSource, TLSConfig, build_context, renewal_delay
+from kes.tls_context import ALPN_H2, CertSource, TLSConfig, build_context, renewal_delay
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,88 @@ def _handler_failed(request: Request) -> Response:
     return Response(500, _INTERNAL_ERROR)
 
 
-class _Connection(asyncio.Protocol):
+def _run_eagerly(handler: Handler, request: Request) -> Response | _Resume:
+    """Run the handler up to its first real suspension: its `Response` if it finished
+    (the usual cached-key generate/decrypt, answered without a Task), else the `_Resume`
+    a Task awaits to carry it on from where it stopped."""
+    coro = handler(request)
+    try:
+        first = coro.send(None)
+    except StopIteration as done:
+        response: Response = done.value
+        return response
+    except Exception:
+        return _handler_failed(request)
+    return _Resume(coro, first)
+
+
+async def _outcome(pending: _Resume, request: Request) -> Response:
+    """The response of a handler that suspended: its own, or 500 if it raised."""
+    try:
+        return await pending
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        return _handler_failed(request)
+
+
+class _TLSConnection(asyncio.Protocol):
+    """What the HTTP/1.1 and the HTTP/2 connection do alike with their TLS session:
+    read plaintext, close with close_notify, abort."""
+
+    _tls: tls_session.Session
+    _transport: asyncio.Transport | None
+    _closed: bool
+    deadline: float | None
+    remote: str
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _on_peer_closed(self) -> None:
+        raise NotImplementedError
+
+    def _read_plain(self) -> bytes:
+        """Up to one record of plaintext; b"" when none is buffered, or when the peer sent
+        close_notify or a TLS error ended the connection (then handled here)."""
+        try:
+            plain = self._tls.read()
+        except SSL.Error as exc:
+            log.debug("kes: TLS error from %s: %s", self.remote, exc)
+            self._flush()
+            self._abort_after_flush()
+            return b""
+        if plain is None:  # close_notify
+            self._on_peer_closed()
+            return b""
+        return plain
+
+    def _close(self) -> None:
+        """Orderly close: close_notify, flush, FIN after the buffered data is written."""
+        if self._closed:
+            return
+        self._closed = True
+        self.deadline = None
+        with contextlib.suppress(SSL.Error):
+            self._tls.conn.shutdown()
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort_after_flush(self) -> None:
+        self._closed = True
+        self.deadline = None
+        if self._transport is not None:
+            self._transport.close()  # close() still writes the alert already queued
+
+    def _abort(self) -> None:
+        self._closed = True
+        self.deadline = None
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class _Connection(_TLSConnection):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = server.loop
@@ -227,6 +309,9 @@ class _Connection(asyncio.Protocol):
             self._flush()
             return False
         cert = tls.conn.get_peer_certificate(as_cryptography=True)
+        if tls.conn.get_alpn_proto_negotiated() == ALPN_H2:
+            self._switch_to_h2(cert)
+            return False
         self._parser = http1.RequestParser(
             identity=of_certificate(cert) if cert is not None else None,
             peer_cert=cert,
@@ -237,21 +322,26 @@ class _Connection(asyncio.Protocol):
         self._set_state(http1.State.IDLE)
         return True
 
+    def _switch_to_h2(self, cert: x509.Certificate | None) -> None:
+        """Hand the socket and the TLS session to an `_H2Connection`; this object is done."""
+        self._closed = True
+        self.deadline = None
+        self._server.connections.discard(self)
+        transport = self._transport
+        assert transport is not None  # noqa: S101 - set in connection_made
+        conn = _H2Connection(self._server, self._tls, transport, self.remote, cert)
+        transport.set_protocol(conn)
+        conn.start()
+
     def _pump_in(self) -> None:
         """Feed decrypted bytes to the parser until OpenSSL has no more or the pipeline is full."""
-        tls, parser, pending = self._tls, self._parser, self._pending
+        parser, pending = self._parser, self._pending
         assert parser is not None  # noqa: S101 - only called after the handshake
         while len(pending) < MAX_PIPELINED:
-            try:
-                plain = tls.read()
-            except SSL.Error as exc:
-                log.debug("kes: TLS error from %s: %s", self.remote, exc)
-                self._flush()
-                self._abort_after_flush()
-                return
+            plain = self._read_plain()
             if not plain:
-                if plain is None:  # close_notify
-                    self._on_peer_closed()
+                if self._closed:
+                    return
                 break
             events = parser.feed(plain)
             if events:
@@ -402,16 +492,9 @@ class _Connection(asyncio.Protocol):
         """Answer `event` at once if its handler finishes without suspending (the usual
         cached-key generate/decrypt); otherwise return the Task that carries it on from
         where it stopped."""
-        request = event.request
-        coro = self._server.handler(request)
-        try:
-            first = coro.send(None)
-        except StopIteration as done:
-            response: Response = done.value
-        except Exception:
-            response = _handler_failed(request)
-        else:
-            return self._loop.create_task(self._finish(event, _Resume(coro, first)))
+        response = _run_eagerly(self._server.handler, event.request)
+        if isinstance(response, _Resume):
+            return self._loop.create_task(self._finish(event, response))
         if response.stream is not None:
             return self._loop.create_task(self._stream(event, response))
         self._answer(event, response)
@@ -442,13 +525,7 @@ class _Connection(asyncio.Protocol):
             self._serve_pending()
 
     async def _finish(self, event: http1.Parsed, pending: _Resume) -> None:
-        request = event.request
-        try:
-            response = await pending
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            response = _handler_failed(request)
+        response = await _outcome(pending, event.request)
         if response.stream is not None:
             await self._stream(event, response)
         else:
@@ -522,31 +599,247 @@ class _Connection(asyncio.Protocol):
         if not keep_alive:
             self._close()
 
-    # Closing -------------------------------------------------------------------------
+class _H2Connection(_TLSConnection):
+    """A connection whose TLS handshake chose ALPN `h2` (`_Connection` hands it the socket
+    and the TLS session). Streams are multiplexed: every request runs its handler the
+    same eager way as over HTTP/1.1, and one that suspends gets its own Task, so a slow
+    call does not hold up the others. The framing is kes/http2.py.
 
-    def _close(self) -> None:
-        """Orderly close: close_notify, flush, FIN after the buffered data is written."""
+    Timeouts: the header timeout until the client's first bytes (the connection preface),
+    the body timeout while a request body is incomplete, the idle timeout while no stream
+    is open; none while a handler runs. On shutdown the client gets GOAWAY(NO_ERROR), the
+    streams in flight are answered, then the connection closes."""
+
+    def __init__(self, server: Server, tls: tls_session.Session, transport: asyncio.Transport,
+                 remote: str, cert: x509.Certificate | None) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._tls = tls
+        self._transport: asyncio.Transport | None = transport
+        self.remote = remote
+        self._h2 = http2.Connection(
+            identity=of_certificate(cert) if cert is not None else None,
+            peer_cert=cert, remote=remote, max_body=server.max_body,
+        )
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._streaming: set[int] = set()
+        self._wakeup: asyncio.Future[None] | None = None  # a stream waits for window/drain
+        self._write_paused = False
+        self._flush_queued = False
+        self._closed = False
+        self._close_when_idle = False
+        self.deadline: float | None = self._loop.time() + server.header_timeout
+
+    def start(self) -> None:
+        self._server.connections.add(self)
+        # Our SETTINGS, and the handshake's last flight (TLS 1.2: the server's Finished,
+        # which the client waits for before it sends its preface).
+        self._flush()
+        self._pump_in()  # TLS 1.3: the preface often arrives with the client's Finished
+
+    # asyncio callbacks ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        self._closed = True
-        self.deadline = None
-        with contextlib.suppress(SSL.Error):
-            self._tls.conn.shutdown()
-        self._flush()
-        if self._transport is not None:
-            self._transport.close()
+        self._tls.feed(data)
+        self._pump_in()
 
-    def _abort_after_flush(self) -> None:
-        self._closed = True
-        self.deadline = None
-        if self._transport is not None:
-            self._transport.close()  # close() still writes the alert already queued
+    def eof_received(self) -> bool:
+        self._on_peer_closed()
+        return True
 
-    def _abort(self) -> None:
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.deadline = None
-        if self._transport is not None:
-            self._transport.abort()
+        self._server.connections.discard(self)
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._wake()
+
+    # Input ---------------------------------------------------------------------------
+
+    def _pump_in(self) -> None:
+        framing = self._h2
+        got = False
+        while not self._closed:
+            plain = self._read_plain()
+            if not plain:
+                break
+            got = True
+            try:
+                events = framing.feed(plain)
+            except http2.ConnectionError_ as exc:
+                log.info("kes: closing HTTP/2 connection from %s: %s", self.remote, exc)
+                for task in list(self._tasks.values()):
+                    task.cancel()
+                self._close()
+                return
+            for event in events:
+                if isinstance(event, http2.Dispatch):
+                    self._dispatch(event.stream_id, event.request)
+                elif isinstance(event, http2.Cancel):
+                    cancelled = self._tasks.get(event.stream_id)
+                    if cancelled is not None:
+                        cancelled.cancel()
+                else:
+                    self._wake()
+        if self._closed:
+            return
+        if got:
+            self._flush_soon()  # SETTINGS/PING acks and WINDOW_UPDATEs, answers
+            self._set_deadline()
+        if framing.peer_gone and not self._tasks:
+            self._close()
+
+    def _set_deadline(self) -> None:
+        server = self._server
+        if self._tasks or self._h2.blocked:
+            self.deadline = None
+        elif self._h2.receiving:
+            self.deadline = self._loop.time() + server.body_timeout
+        else:
+            self.deadline = self._loop.time() + server.idle_timeout
+
+    def check_deadline(self, now: float) -> None:
+        if self.deadline is None or now < self.deadline or self._closed:
+            return
+        if self._h2.receiving:
+            log.debug("kes: HTTP/2 body timeout from %s", self.remote)
+        self._h2.goaway()
+        self._close()
+
+    def _on_peer_closed(self) -> None:
+        for sid in list(self._streaming):
+            self._tasks[sid].cancel()  # a log stream ends when its client goes away
+        if not self._tasks:
+            self._close()
+        else:
+            self._close_when_idle = True
+
+    def close_soon(self) -> None:
+        """Server shutdown: GOAWAY now; close once the streams in flight are answered."""
+        self._close_when_idle = True
+        self._h2.goaway()
+        for sid in list(self._streaming):
+            self._tasks[sid].cancel()
+        if not self._tasks:
+            self._close()
+        else:
+            self._flush()
+
+    # Serving -------------------------------------------------------------------------
+
+    def _dispatch(self, sid: int, request: Request) -> None:
+        response = _run_eagerly(self._server.handler, request)
+        if isinstance(response, _Resume):
+            self._track(sid, self._finish(sid, request, response))
+            return
+        if response.stream is not None:
+            self._track(sid, self._stream(sid, response))
+        else:
+            self._answer(sid, request, response)
+
+    def _track(self, sid: int, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks[sid] = task
+        task.add_done_callback(lambda t: self._task_done(sid, t))
+
+    def _task_done(self, sid: int, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(sid, None)
+        self._streaming.discard(sid)
+        if self._closed:
+            return
+        if task.cancelled():
+            if self._close_when_idle:
+                self._h2.cancel(sid)  # a log stream cut by shutdown
+        elif (exc := task.exception()) is not None:
+            log.error("kes: stream %d from %s failed", sid, self.remote, exc_info=exc)
+            self._h2.cancel(sid)
+        self._flush_soon()
+        if not self._tasks and (self._close_when_idle or self._h2.peer_gone):
+            self._close()
+        else:
+            self._set_deadline()
+
+    async def _finish(self, sid: int, request: Request, pending: _Resume) -> None:
+        response = await _outcome(pending, request)
+        if response.stream is not None:
+            await self._stream(sid, response)
+        else:
+            self._answer(sid, request, response)
+
+    def _answer(self, sid: int, request: Request, response: Response) -> None:
+        self._h2.respond(sid, response.status, response.content_type, response.body,
+                         response.headers, date=_date.get(),
+                         head_only=request.method == "HEAD")
+
+    async def _stream(self, sid: int, response: Response) -> None:
+        stream = response.stream
+        assert stream is not None  # noqa: S101
+        framing = self._h2
+        self._streaming.add(sid)
+        try:
+            if not framing.start_stream(sid, response.status, response.content_type,
+                                        response.headers, date=_date.get()):
+                return
+            self._flush()
+            async for piece in stream:
+                if self._closed:
+                    return
+                framing.send_piece(sid, piece)
+                self._flush()
+                while not self._closed and (self._write_paused or framing.stream_blocked(sid)):
+                    # Backpressure: the socket's buffer or the client's window is full.
+                    self._wakeup = self._wakeup or self._loop.create_future()
+                    await self._wakeup
+            framing.end_stream(sid)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    # Output and closing --------------------------------------------------------------
+
+    def _flush(self) -> None:
+        out = self._h2.data_to_send()
+        if out:
+            self._tls.write(out)
+        data = self._tls.take()
+        transport = self._transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _flush_soon(self) -> None:
+        if not self._flush_queued:
+            self._flush_queued = True
+            self._server.flush_soon(self)
+
+    def flush_queued(self) -> None:
+        self._flush_queued = False
+        if not self._closed:
+            self._flush()
+
+    def _close(self) -> None:
+        """GOAWAY (if not sent yet), then as any TLS connection."""
+        if not self._closed:
+            self._h2.goaway()
+            out = self._h2.data_to_send()
+            if out:
+                self._tls.write(out)  # before close_notify, after which OpenSSL writes nothing
+            super()._close()
 
 
 class Server:
@@ -587,8 +880,8 @@ class Server:
         self.body_timeout = body_timeout
         self.shutdown_grace = shutdown_grace
         self.max_body = max_body
-        self.connections: set[_Connection] = set()
-        self._flush_queue: list[_Connection] = []
+        self.connections: set[_Connection | _H2Connection] = set()
+        self._flush_queue: list[_Connection | _H2Connection] = []
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         # The sweep period bounds how late a timeout fires: a quarter of the shortest one.
@@ -651,7 +944,7 @@ class Server:
         """The bound port (still readable after close, for messages and tests)."""
         return self._port
 
-    def flush_soon(self, conn: _Connection) -> None:
+    def flush_soon(self, conn: _Connection | _H2Connection) -> None:
         """Flush `conn` once the loop has run this iteration's I/O callbacks."""
         queue = self._flush_queue
         if not queue:
