@@ -130,6 +130,7 @@ class Connection:
         self._outgoing: dict[int, tuple[memoryview, bool]] = {}  # blocked by flow control
         self._refuse_rest: set[int] = set()  # answered early (body too large)
         self.goaway_sent = False
+        self._last_stream = 0  # the last stream our GOAWAY lets through
         self.peer_gone = False  # the client sent GOAWAY
         conn = self._h2 = h2.connection.H2Connection(_CONFIG)
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -161,6 +162,7 @@ class Connection:
 
     def feed(self, data: bytes) -> list[Event]:
         conn = self._h2
+        before = conn.state_machine.state
         try:
             h2_events = conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -183,6 +185,8 @@ class Connection:
                 writable = True
             elif kind is h2.events.ConnectionTerminated:
                 self.peer_gone = True
+                if ev.error_code == h2.errors.ErrorCodes.NO_ERROR:  # type: ignore[attr-defined]
+                    _keep_open(conn, before)  # it still waits for the answers in flight
             elif kind is h2.events.TrailersReceived:
                 pass  # KES reads no trailers; StreamEnded follows
         if writable and self._outgoing:
@@ -192,6 +196,8 @@ class Connection:
 
     def _headers(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
         sid = ev.stream_id
+        if self._refused(sid):
+            return
         method = path = None
         raw: list[tuple[bytes, bytes]] = []
         for name, value in ev.headers or ():
@@ -311,12 +317,25 @@ class Connection:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
 
     def goaway(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
-        """Tell the client no stream after the last one it opened will be served (graceful
-        shutdown with NO_ERROR); streams in flight still get their answers."""
-        if not self.goaway_sent:
-            self.goaway_sent = True
-            self._h2.close_connection(error_code=code,
-                                      last_stream_id=self._h2.highest_inbound_stream_id)
+        """Tell the client no stream after the last one it opened will be served. With
+        NO_ERROR (shutdown, timeouts) the streams in flight still get their answers."""
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        self._last_stream = self._h2.highest_inbound_stream_id
+        before = self._h2.state_machine.state
+        self._h2.close_connection(error_code=code, last_stream_id=self._last_stream)
+        if code == h2.errors.ErrorCodes.NO_ERROR:
+            _keep_open(self._h2, before)
+
+    def _refused(self, sid: int) -> bool:
+        """After our GOAWAY, streams the client opened later are refused (it may retry
+        them on a new connection: RFC 9113 §6.8)."""
+        if self.goaway_sent and sid > self._last_stream:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return True
+        return False
 
     def _fields(self, status: int, content_type: str | None,
                 headers: Iterable[tuple[str, str]], date: bytes) -> list[tuple[bytes, bytes]]:
@@ -377,3 +396,13 @@ class Connection:
 
 
 _STATUS = {s: str(s).encode() for s in (200, 400, 401, 403, 404, 405, 413, 500, 501, 502, 503)}
+
+
+def _keep_open(conn: h2.connection.H2Connection, state: h2.connection.ConnectionState) -> None:
+    """h2 treats any GOAWAY, sent or received, as the end of the connection: its state
+    machine then refuses every frame. RFC 9113 §6.8 lets the streams up to the GOAWAY's
+    last stream finish (Go's client and server do), so the state goes back to open; new
+    streams are refused by `_refused` (ours) or not opened (the client's).
+    `state` is the one before the GOAWAY."""
+    if state is not h2.connection.ConnectionState.CLOSED:
+        conn.state_machine.state = state

@@ -8,7 +8,7 @@ import asyncio
 import json
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +88,18 @@ class Recorder:
             "too_large": request.body_too_large,
         }
         return Response(200, json.dumps(body).encode())
+
+
+async def log_stream(ended: list[bool]) -> AsyncIterator[bytes]:
+    """Three events, then blocked like a log stream with nothing to say; appends to
+    `ended` when it is closed."""
+    try:
+        for i in range(3):
+            yield b'{"event":%d}\n' % i
+        await asyncio.Event().wait()
+        yield b"never"
+    finally:
+        ended.append(True)
 
 
 def connect(
@@ -210,6 +222,12 @@ class H2Stream:
         return Reply(self.status, self.headers, self.body)
 
 
+@dataclass(frozen=True)
+class GoAway:
+    last_stream_id: int
+    error_code: int
+
+
 class H2Client:
     """An HTTP/2 client on the `h2` library over a stdlib TLS socket with ALPN `h2` and a
     client certificate: streams are sent and read independently, so tests can multiplex,
@@ -223,7 +241,8 @@ class H2Client:
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.conn.initiate_connection()
         self.streams: dict[int, H2Stream] = {}
-        self.goaway: h2.events.ConnectionTerminated | None = None
+        self.goaway: GoAway | None = None
+        self._inbuf = b""
         self.remote_settings: dict[int, int] = {}
         self.closed = False
         self.flush()
@@ -274,7 +293,7 @@ class H2Client:
         if not data:
             self.closed = True
             return False
-        for ev in self.conn.receive_data(data):
+        for ev in self.conn.receive_data(self._take_goaway(data)):
             if isinstance(ev, h2.events.ResponseReceived):
                 s = self.streams[ev.stream_id]
                 for name, value in ev.headers or ():
@@ -291,13 +310,32 @@ class H2Client:
             elif isinstance(ev, h2.events.StreamReset):
                 if ev.stream_id in self.streams:
                     self.streams[ev.stream_id].reset = int(ev.error_code or 0)
-            elif isinstance(ev, h2.events.ConnectionTerminated):
-                self.goaway = ev
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 for code, change in ev.changed_settings.items():
                     self.remote_settings[int(code)] = change.new_value
         self.flush()
         return True
+
+    def _take_goaway(self, data: bytes) -> bytes:
+        """Pass whole frames on to h2 but keep GOAWAY for ourselves: h2 ends the connection
+        at any GOAWAY, while a graceful one (NO_ERROR) still lets the streams up to its last
+        stream id finish (RFC 9113 §6.8), as Go's client does."""
+        buf = self._inbuf = self._inbuf + data
+        out, pos = [], 0
+        while len(buf) - pos >= 9:
+            length = int.from_bytes(buf[pos:pos + 3], "big")
+            end = pos + 9 + length
+            if len(buf) < end:
+                break
+            if buf[pos + 3] == 0x7:  # GOAWAY
+                payload = buf[pos + 9:end]
+                self.goaway = GoAway(int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
+                                     int.from_bytes(payload[4:8], "big"))
+            else:
+                out.append(buf[pos:end])
+            pos = end
+        self._inbuf = buf[pos:]
+        return b"".join(out)
 
     def wait(self, sid: int) -> H2Stream:
         s = self.streams[sid]
@@ -310,7 +348,7 @@ class H2Client:
                 headers: tuple[tuple[str, str], ...] = ()) -> Reply:
         return self.wait(self.send(method, path, body, headers=headers)).reply()
 
-    def wait_goaway(self) -> h2.events.ConnectionTerminated:
+    def wait_goaway(self) -> GoAway:
         while self.goaway is None:
             if not self.pump():
                 raise EOFError("connection closed without GOAWAY")

@@ -22,7 +22,7 @@ from kes.identity import of_certificate
 from kes.messages import MAX_BODY, Request, Response
 from kes.server import ServerThread
 from kes.tls_context import TLSConfig, build_context
-from tests.kes.server_util import Pki, Reader, Recorder, connect, request, wait_for
+from tests.kes.server_util import Pki, Reader, Recorder, connect, log_stream, request, wait_for
 from tests.support.certs import make_ca, make_leaf
 
 
@@ -379,19 +379,9 @@ def test_streaming_response_ends_when_the_client_disconnects(
     pki: Pki, client_ctx: ssl.SSLContext
 ) -> None:
     ended: list[bool] = []
-    more = asyncio.Event()
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            for i in range(3):
-                yield b'{"event":%d}\n' % i
-            await more.wait()  # a log stream blocks until something happens
-            yield b"never"
-        finally:
-            ended.append(True)
 
     async def handler(request: Request) -> Response:
-        return Response(200, stream=events())
+        return Response(200, stream=log_stream(ended))
 
     with ServerThread(handler, pki.tls()) as st:
         with connect(st.port, client_ctx) as s:
