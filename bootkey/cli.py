@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "crypttab",
     "kes",
     "demo",
+    "setup_vault",
 )
 
 EPILOG = """\
