@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "kes",
     "demo",
     "setup_vault",
+    "doctor",
 )
 
 EPILOG = """\
