@@ -26,6 +26,8 @@ _COMMAND_MODULES = (
     "initrd",
     "kes",
     "demo",
+    "setup_vault",
+    "doctor",
 )
 
 EPILOG = """\
