@@ -299,7 +299,7 @@ class H2Client:
             if isinstance(ev, h2.events.ResponseReceived):
                 s = self.streams[ev.stream_id]
                 for name, value in ev.headers or ():
-                    if name == ":status":
+                    if name in (":status", b":status"):
                         s.status = int(value)
                     else:
                         s.headers[str(name)] = str(value)
