@@ -187,17 +187,14 @@ def run_serve(args: argparse.Namespace) -> int:
     # Before any key exists: lock memory (warns if refused), no core dumps, no ptrace.
     secret.harden_process()
 
-    factory = None
-    relogin = None
     if args.dev:
         return _serve_dev(args)
     cfg, bcfg = _load(args)
+    session = None
     if bcfg is not None and (cfg.keystore.vault is None or not cfg.keystore.vault.endpoint):
         from bootkey.vault import VaultSession
         session = VaultSession.from_config(bcfg)
         session.login()
-        factory = session.raw_client
-        relogin = session.renew_or_relogin
     updates: dict[str, object] = {}
     if args.addr:
         try:
@@ -209,7 +206,7 @@ def run_serve(args: argparse.Namespace) -> int:
         updates["workers"] = args.workers
     if updates:
         cfg = cfg.model_copy(update=updates)
-    svc = service.build(cfg, factory, vault_relogin=relogin)
+    svc = service.build(cfg, session)
     svc.harden_workers = True
 
     def reload(_signum: int, _frame: object) -> None:
