@@ -164,7 +164,7 @@ def test_agent_keeps_vault_access_for_ten_max_ttls_with_every_secret_id_source(
         f'path "secret/data/{prefix}/*" {{ capabilities = ["create", "read"] }}\n'
         f'path "secret/metadata/{prefix}/*" {{ capabilities = ["list", "read"] }}\n'))
     root.auth.approle.create_or_update_approle(
-        role, token_policies=[role, f"kes-{env.host_id}"], token_ttl="2s",
+        role, token_policies=[role, f"kes-{env.host_id}"], token_period="0", token_ttl="2s",
         token_max_ttl=f"{MAX_TTL:g}s")
     later = tmp_path / "later"
     later.mkdir()
@@ -226,8 +226,8 @@ def test_single_use_secret_id_and_non_periodic_token_warn_at_start(
         f"{role}-lookup",
         f'path "auth/approle/role/{role}/secret-id/lookup" {{ capabilities = ["update"] }}\n')
     root.auth.approle.create_or_update_approle(
-        role, token_policies=[role, f"{role}-lookup"], token_ttl="1h", token_max_ttl="2h",
-        secret_id_num_uses=1)
+        role, token_policies=[role, f"{role}-lookup"], token_period="0", token_ttl="1h",
+        token_max_ttl="2h", secret_id_num_uses=1)
     env.secret_id_file.write_text(
         root.auth.approle.generate_secret_id(role)["data"]["secret_id"])
     cfg_file = tmp_path / "bootkey.toml"

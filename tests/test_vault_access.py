@@ -64,8 +64,8 @@ def warnings() -> Iterator[list[str]]:
 
 def test_single_use_secret_id_and_non_periodic_token_warn_at_login(
         vault_env2: VaultEnv, bao: DevBao, warnings: list[str]) -> None:
-    o = login_with_role(bao.client(), vault_env2, token_ttl="2s", token_max_ttl="5s",
-                        secret_id_num_uses=1)
+    o = login_with_role(bao.client(), vault_env2, token_period="0", token_ttl="2s",
+                        token_max_ttl="5s", secret_id_num_uses=1)
     assert o.secret_id_known and o.relogin_possible is False
     assert o.token_period is None and o.token_renewable
     assert o.warning is not None and "token_period" in o.warning
@@ -82,7 +82,7 @@ def test_periodic_token_renews_forever_and_says_nothing(
 
 def test_expiring_secret_id_with_non_periodic_token_names_when(
         vault_env2: VaultEnv, bao: DevBao) -> None:
-    o = login_with_role(bao.client(), vault_env2, secret_id_ttl="1h")
+    o = login_with_role(bao.client(), vault_env2, token_period="0", secret_id_ttl="1h")
     assert o.access_until is not None
     left = o.access_until - dt.datetime.now(dt.UTC)
     assert dt.timedelta(minutes=55) < left <= dt.timedelta(hours=1)
