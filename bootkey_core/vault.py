@@ -343,18 +343,23 @@ class VaultSession:
             if self.on_wait:
                 self.on_wait(info)
 
-        retryer = Retrying(
-            retry=retry_if_exception_type(VaultUnavailable),
-            wait=self.backoff,
-            stop=stop_before_delay(limit),
-            before_sleep=before_sleep,
-            sleep=self.sleep,
-            reraise=True,
-        )
+        def attempt(relogin: bool) -> T:
+            if limit <= 0:  # one pass (KES requests): no retry loop to build
+                return self._on_address(fn, what, path, auth=relogin)
+            retryer = Retrying(
+                retry=retry_if_exception_type(VaultUnavailable),
+                wait=self.backoff,
+                stop=stop_before_delay(limit),
+                before_sleep=before_sleep,
+                sleep=self.sleep,
+                reraise=True,
+            )
+            result: T = retryer(self._on_address, fn, what, path, auth=relogin)
+            return result
+
         generation = self._generation
         try:
-            result: T = retryer(self._on_address, fn, what, path, auth=auth)
-            return result
+            return attempt(auth)
         except _Dead:
             pass
         with self._login_lock:
@@ -362,8 +367,7 @@ class VaultSession:
                 log.info("Vault token is no longer valid; logging in again",
                          extra={"VAULT_PATH": path})
                 self._login_locked(limit)
-        again: T = retryer(self._on_address, fn, what, path, auth=False)
-        return again
+        return attempt(False)
 
     def request(self, method: str, path: str, *, what: str, json: Any = None,
                 params: dict[str, str] | None = None, deadline: float | None = None,
