@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import os
 import re
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,14 +18,12 @@ from pathlib import Path
 from bootkey import enroll, unlock, vaultlocker
 from bootkey.commands.common import load_config, print_json
 from bootkey.config import Config
+from bootkey.operator_token import operator_session
 from bootkey.vault import VaultSession
 from bootkey_core import secret
-from bootkey_core.errors import ConfigError, UsageError
+from bootkey_core.errors import UsageError
 from bootkey_core.secret import SecretBuffer
 
-# Test-only hook (the crash tests): SIGKILL this process right after the named step,
-# e.g. BOOTKEY_TEST_KILL_AFTER=AddKeyslot, or AddKeyslot#2 for its second occurrence.
-KILL_ENV = "BOOTKEY_TEST_KILL_AFTER"
 MAX_KEY_FILE = 8192  # cryptsetup's default keyfile-size limit (8 MiB) is far more than a key
 
 ENROLL_HELP = """\
@@ -51,6 +48,8 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
                         "else AppRole from the config)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    # bootkey.cli.main(after_step=…) sets it; None runs the plan as it is
+    p.set_defaults(after_step=None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -114,22 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def session_for(cfg: Config, args: argparse.Namespace) -> VaultSession:
-    """Operator token (file or environment, never argv), else AppRole login."""
-    token: str | None = None
-    if args.token_file:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"{args.token_file}: cannot read the Vault token: "
-                              f"{e.strerror}") from None
-        if not token:
-            raise ConfigError(f"{args.token_file}: the Vault token file is empty")
-    else:
-        token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN") or None
-    session = VaultSession.from_config(cfg, token=token)
-    if token is None:
-        session.login()
-    return session
+    return operator_session(cfg, args.token_file, os.environ)
 
 
 def read_key(spec: str | None) -> SecretBuffer | None:
@@ -151,28 +135,6 @@ def read_key(spec: str | None) -> SecretBuffer | None:
         raise UsageError(f"--unlock-key-file {spec}: longer than {MAX_KEY_FILE} bytes — "
                          "is this the right file?")
     return SecretBuffer.from_bytes(data)
-
-
-def kill_after(name: str, nth: int = 1) -> enroll.AfterStep:
-    """An after_step hook that SIGKILLs this process after the nth step called `name`."""
-    seen = 0
-
-    def hook(step: enroll.Step) -> None:
-        nonlocal seen
-        if step.name == name:
-            seen += 1
-            if seen == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-def kill_hook() -> enroll.AfterStep | None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return None
-    name, _, nth = spec.partition("#")
-    return kill_after(name, int(nth or 1))
 
 
 @contextlib.contextmanager
@@ -248,7 +210,7 @@ def run_enroll(args: argparse.Namespace) -> int:
         out = enroll.enroll(cfg, session, cfg.resolved_host_id(), device, name=args.name,
                             unlock_key=key, keyslot=args.keyslot, format_device=args.format,
                             force=args.force, recovery_key=args.recovery_key,
-                            dry_run=args.dry_run, after_step=kill_hook())
+                            dry_run=args.dry_run, after_step=args.after_step)
     report(out, args, "enrolled")
     return 0
 
@@ -259,7 +221,7 @@ def run_rotate(args: argparse.Namespace) -> int:
     session = session_for(cfg, args)
     device = resolve_target(cfg, args.target)
     out = enroll.rotate(cfg, session, cfg.resolved_host_id(), device, rewrap=args.rewrap,
-                        dry_run=args.dry_run, after_step=kill_hook())
+                        dry_run=args.dry_run, after_step=args.after_step)
     report(out, args, "rewrapped" if args.rewrap else "rotated")
     return 0
 
@@ -271,7 +233,7 @@ def run_unenroll(args: argparse.Namespace) -> int:
         session = session_for(cfg, args)
         device = resolve_target(cfg, args.target)
         out = enroll.unenroll(cfg, session, cfg.resolved_host_id(), device, purge=args.purge,
-                              unlock_key=key, dry_run=args.dry_run, after_step=kill_hook())
+                              unlock_key=key, dry_run=args.dry_run, after_step=args.after_step)
     report(out, args, "unenrolled")
     return 0
 
@@ -284,7 +246,7 @@ def run_import(args: argparse.Namespace) -> int:
         cfg, session, cfg.resolved_host_id(), backend=args.backend, hostname=args.hostname,
         kv_version=args.kv_version, keep_old_slot=args.keep_old_slot,
         devices=[_device(d) for d in args.device], dry_run=args.dry_run,
-        after_step=kill_hook())
+        after_step=args.after_step)
     if args.json:
         print_json({"volumes": [r.as_json() for r in results]})
     else:

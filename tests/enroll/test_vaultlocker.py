@@ -127,8 +127,7 @@ def test_import_killed_then_rerun(env2: Env, bao: DevBao) -> None:
     a, _, ka = vaultlocker_volume(env, root, mount, 1, host, name="a")
     tok = operator_token(bao, env, mount)
     args = ("import-vaultlocker", "--backend", mount, "--hostname", host)
-    res = env.bootkey(*args, extra_env={"VAULT_TOKEN": tok,
-                                        "BOOTKEY_TEST_KILL_AFTER": "Activate"})
+    res = env.bootkey(*args, extra_env={"VAULT_TOKEN": tok}, kill_at="Activate")
     assert res.returncode == -9
     assert env.boot_check(a) == "verified"
     assert luks.test_key(a, ka.encode()) is luks.KeyTest.OK
