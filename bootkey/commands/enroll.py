@@ -41,6 +41,19 @@ Vault: an operator token from $VAULT_TOKEN/$BAO_TOKEN or --token-file, with the 
 `bootkey policy --enroll` prints; without one, the config's AppRole.
 """
 
+ROTATE_HELP = """\
+New key into a new keyslot and into Vault, tested; only then the old keyslot is killed and
+its Vault copy retired. Interrupted? Run it again.
+
+When no Vault key opens the volume any more (unlock exits 81: the keyslot was killed or
+changed outside bootkey, or the Vault entry was replaced), give an existing passphrase or
+keyfile: it authorises the new keyslot, and keyslots no Vault key opens are left alone.
+
+examples:
+  bootkey rotate data
+  bootkey rotate data --unlock-key-file /root/data.pass    # after exit 81
+"""
+
 
 def _vault_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", metavar="FILE", type=Path,
@@ -71,12 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(run=run_enroll)
 
     p = sub.add_parser("rotate", help="replace a volume's Vault key (new keyslot first)",
-                       description="New key into a new keyslot and into Vault, tested; only "
-                       "then the old keyslot is killed and its Vault copy retired. "
-                       "Interrupted? Run it again.", formatter_class=fmt)
+                       description=ROTATE_HELP, formatter_class=fmt)
     p.add_argument("target", metavar="NAME|DEVICE")
     p.add_argument("--rewrap", action="store_true",
                    help="only re-seal under the newest transit key version; volume untouched")
+    p.add_argument("--unlock-key-file", metavar="FILE|-",
+                   help="an existing passphrase or keyfile, byte-exact (- = stdin); used "
+                        "only when no Vault key opens the volume any more (exit 81)")
     _vault_args(p)
     p.set_defaults(run=run_rotate)
 
@@ -103,8 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--keep-old-slot", action="store_true",
                    help="keep vaultlocker's keyslot next to bootkey's")
     p.add_argument("--device", action="append", default=[], metavar="DEVICE",
-                   help="also look here for the volumes (repeatable; default: every block "
-                        "device and [unlock] search globs)")
+                   help="also look here for the volumes (repeatable; always: the [[volume]] "
+                        "devices, every block device and [unlock] search globs)")
     _vault_args(p)
     p.set_defaults(run=run_import)
 
@@ -216,12 +230,16 @@ def run_enroll(args: argparse.Namespace) -> int:
 
 
 def run_rotate(args: argparse.Namespace) -> int:
+    if args.rewrap and args.unlock_key_file is not None:
+        raise UsageError("rotate: --unlock-key-file does not apply with --rewrap (the volume "
+                         "is not touched)")
     cfg = load_config(args)
     secret.harden_process()
-    session = session_for(cfg, args)
-    device = resolve_target(cfg, args.target)
-    out = enroll.rotate(cfg, session, cfg.resolved_host_id(), device, rewrap=args.rewrap,
-                        dry_run=args.dry_run, after_step=args.after_step)
+    with unlock_key(args.unlock_key_file) as key:
+        session = session_for(cfg, args)
+        device = resolve_target(cfg, args.target)
+        out = enroll.rotate(cfg, session, cfg.resolved_host_id(), device, rewrap=args.rewrap,
+                            unlock_key=key, dry_run=args.dry_run, after_step=args.after_step)
     report(out, args, "rewrapped" if args.rewrap else "rotated")
     return 0
 

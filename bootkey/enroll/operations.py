@@ -14,7 +14,7 @@ operation observes what is there and finishes or rolls back (docs/enroll.md).
 from __future__ import annotations
 
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bootkey import keystore, luks
@@ -122,11 +122,8 @@ def enroll(cfg: Config, session: VaultSession, host_id: str, device: str, *,
                 raise UsageError(f"{device}: enroll needs an existing passphrase or keyfile "
                                  "of this volume — pass --unlock-key-file FILE (or - for "
                                  "stdin)")
-            if unlock_key is not None and any(isinstance(s, AddKeyslot) for s in plan.steps) \
-                    and luks.test_key(device, unlock_key) is not luks.KeyTest.OK:
-                raise WrongKey(f"{device}: cannot enroll: the unlock key opens no keyslot — "
-                               "nothing changed; check --unlock-key-file (read byte-exact: "
-                               "a trailing newline counts)")
+            if unlock_key is not None:
+                _check_unlock_key(device, unlock_key, plan, "enroll")
         plan = _and_stale_backup(plan, rundir, loc.luks_uuid)
         run = Run(device, loc, session, rundir, name=name, unlock_key=unlock_key)
         if dry_run:
@@ -140,13 +137,23 @@ def enroll(cfg: Config, session: VaultSession, host_id: str, device: str, *,
             run.close()
 
 
+def _check_unlock_key(device: str, key: SecretBuffer, plan: Plan, verb: str) -> None:
+    """Refuse, before anything is written, an operator key that would have to authorise
+    a new keyslot but opens none."""
+    if any(isinstance(s, AddKeyslot) for s in plan.steps) and \
+            luks.test_key(device, key) is not luks.KeyTest.OK:
+        raise WrongKey(f"{device}: cannot {verb}: the unlock key opens no keyslot — "
+                       "nothing changed; check --unlock-key-file (read byte-exact: "
+                       "a trailing newline counts)")
+
+
 def _and_stale_backup(plan: Plan, rundir: RunDir, luks_uuid: str) -> Plan:
     """An interrupted run may have left its header backup; once this run has brought
     the volume to a finished state the backup is obsolete (and holds every keyslot)."""
     if any(isinstance(s, RemoveBackup) for s in plan.steps) or \
             not (rundir.backups / f"{luks_uuid}.luksheader").exists():
         return plan
-    return Plan((*plan.steps, RemoveBackup()), plan.summary, plan.needs_unlock_key)
+    return replace(plan, steps=(*plan.steps, RemoveBackup()))
 
 
 def _view_for(cfg: Config, session: VaultSession, host_id: str,
@@ -157,23 +164,33 @@ def _view_for(cfg: Config, session: VaultSession, host_id: str,
 
 
 def rotate(cfg: Config, session: VaultSession, host_id: str, device: str, *,
-           rewrap: bool = False, dry_run: bool = False, rundir: RunDir | None = None,
+           rewrap: bool = False, unlock_key: SecretBuffer | None = None,
+           dry_run: bool = False, rundir: RunDir | None = None,
            after_step: AfterStep | None = None) -> Outcome:
+    """`bootkey rotate`: see plan_rotate / plan_rewrap. `unlock_key` (the operator's
+    passphrase or keyfile) is used only when no Vault key opens the volume any more: it
+    then authorises the new keyslot (exit 81's recovery)."""
     rundir = rundir or RunDir.from_env()
     with rundir.lock(device):
         view, loc = _view_for(cfg, session, host_id, device)
-        plan = plan_rewrap(view) if rewrap else plan_rotate(view)
+        plan = plan_rewrap(view) if rewrap else \
+            plan_rotate(view, have_unlock_key=unlock_key is not None)
+        operator_key = unlock_key if plan.by_operator_key else None
+        if operator_key is not None:
+            _check_unlock_key(device, operator_key, plan, "re-key")
         plan = _and_stale_backup(plan, rundir, loc.luks_uuid)
         if dry_run:
             return Outcome(device, loc.luks_uuid, loc.display, plan.summary + " (dry run)",
                            [str(s) for s in plan.steps])
         # the token is rewritten for the new keyslot: carry the volume's name over
         name = view.entry.name if view.entry else None
-        run = Run(device, loc, session, rundir, name=name)
+        run = Run(device, loc, session, rundir, name=name, unlock_key=operator_key)
         try:
             execute(plan, run, after_step)
             return _outcome(run, plan, session)
         finally:
+            if run.unlock_key is operator_key:  # the caller's buffer: the caller closes it
+                run.unlock_key = None
             run.close()
 
 

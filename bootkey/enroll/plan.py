@@ -179,15 +179,23 @@ def plan_format(device: str, *, luks_uuid: str, keyslot: int | None,
     return Plan(tuple(steps), summary)
 
 
-def plan_rotate(v: View) -> Plan:
+def plan_rotate(v: View, *, have_unlock_key: bool = False) -> Plan:
     """A new key into a new keyslot, tested, then the old keyslot killed and its Vault
-    copy retired — or the rest of an interrupted rotate."""
+    copy retired — or the rest of an interrupted rotate. When no Vault key opens the
+    volume any more, the operator's key (`have_unlock_key`) authorises the new keyslot
+    instead: see `_plan_recover`."""
     if v.entry is None:
         raise VaultNotFound(f"{v.device} (UUID {v.luks_uuid}): not enrolled — "
                             f"`bootkey enroll {v.device}` first")
     active = v.working("active")
     pending = v.by_state("pending")
     retiring = v.by_state("retiring")
+    if not active and any(k.state != "pending" for k in v.keys):
+        if have_unlock_key:
+            return _plan_recover(v)
+        raise WrongKey(f"{v.device} (UUID {v.luks_uuid}): no Vault key opens its keyslot — "
+                       "cannot rotate with it; re-key it with an existing passphrase or "
+                       f"keyfile: `bootkey rotate {v.device} --unlock-key-file FILE`")
     if pending:
         if not active:
             raise UsageError(f"{v.device}: an enroll is in flight — finish it with "
@@ -211,13 +219,10 @@ def plan_rotate(v: View) -> Plan:
         return Plan(tuple(keys + _with_backup(header + _retire(v, going))),
                     f"resume rotate to keyslot {p.keyslot}")
     if retiring:
-        if not active:
-            raise LastKeyslot(f"{v.device}: no active Vault key opens its keyslot — refusing "
-                              "to retire the old one; re-enroll the volume")
         b = active[0].keyslot
         return Plan(tuple([UnsealKey(b), TestSlotAlone(b), *_with_backup(_retire(v, retiring))]),
                     f"finish rotate: retire keyslot(s) {sorted(k.keyslot for k in retiring)}")
-    if not active:
+    if not active:  # an entry without keys
         raise WrongKey(f"{v.device} (UUID {v.luks_uuid}): no Vault key opens its keyslot — "
                        "cannot rotate; re-enroll with `bootkey enroll --unlock-key-file`")
     a = active[0].keyslot
@@ -228,6 +233,51 @@ def plan_rotate(v: View) -> Plan:
     return Plan(tuple([UnsealKey(a, "unlock"), *_fresh_key(n, create=False),
                        *_with_backup(steps + _retire(v, olds))]),
                 f"rotate keyslot {a} → {n}")
+
+
+def _plan_recover(v: View) -> Plan:
+    """Re-key a volume that no Vault key opens any more (exit 81: its keyslot was killed
+    or changed outside bootkey, or the Vault entry was replaced), authorised by the
+    operator's passphrase or keyfile — or finish an interrupted recovery.
+
+    Like a rotate: a new key is written to Vault as pending before its keyslot exists,
+    proven alone, then committed; the old keys leave Vault only after that. A keyslot
+    whose Vault key does not open it is never killed: nothing proves it is ours (it may
+    hold the operator's key). Before the commit, our tokens stop naming such keyslots, so
+    no later rotate or unenroll takes one for a half-killed keyslot of ours (`_ours`).
+    An old key that still opens its keyslot (a retiring one) is retired as a rotate does."""
+    old = [k for k in v.keys if k.state != "pending"]
+    unclaim = frozenset(t for k in old if k.in_header and not k.opens
+                        for t in v.tokens_for(k.keyslot)) | frozenset(v.orphan_tokens())
+    pending = v.by_state("pending")
+    if pending and pending[-1].in_header and not pending[-1].opens:
+        p = pending[-1]  # its keyslot was taken by another key since: withdraw it
+        rest = View(v.device, v.luks_uuid, v.keyslots, v.tokens, v.entry,
+                    tuple(k for k in v.keys if k is not p), v.kv_version)
+        fresh = _plan_recover(rest)
+        return Plan((DropKeys((p.keyslot,)), *fresh.steps),
+                    f"withdraw the stale pending key of keyslot {p.keyslot}, then "
+                    + fresh.summary, by_operator_key=True)
+    retire = tuple(k.keyslot for k in old)
+    if pending:
+        n = pending[-1].keyslot
+        keys, header, _ = _finish_pending(v, pending[-1], have_unlock_key=True, retire=retire)
+        summary = f"resume re-keying into keyslot {n}"
+    else:
+        # not a keyslot number Vault still holds a key for: the new key joins the entry
+        n = free_keyslot(v.keyslots | {k.keyslot for k in old}, None, v.device)
+        keys = _fresh_key(n, create=False)
+        header = [AddKeyslot(n), ImportToken(n), TestSlotAlone(n), Activate(n, retire)]
+        summary = f"re-key with the operator's key into keyslot {n}"
+    header[-1:-1] = [RemoveToken(t) for t in sorted(unclaim)]  # before the commit
+    claimed = View(v.device, v.luks_uuid, v.keyslots,
+                   {t: s for t, s in v.tokens.items() if t not in unclaim}, v.entry, v.keys,
+                   v.kv_version)
+    left = sorted(k.keyslot for k in old if k.in_header and not k.opens)
+    if left:
+        summary += f"; keyslot(s) {left} left in place (no Vault key opens them)"
+    return Plan(tuple(keys + _with_backup(header + _retire(claimed, old))), summary,
+                by_operator_key=True)
 
 
 def plan_unenroll(v: View, *, purge: bool, have_unlock_key: bool) -> Plan:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "ENROLL",
     "ENROLL_FORMAT",
+    "RECOVER",
     "ROTATE",
     "UNENROLL",
     "Activate",
@@ -226,13 +227,21 @@ ROTATE: tuple[type[Step], ...] = (
 UNENROLL: tuple[type[Step], ...] = (
     ProveRemaining, BackupHeader, KillSlot, RemoveToken, RemoveBackup, DeleteEntry,
 )
+# `rotate --unlock-key-file` when no Vault key opens the volume (exit 81): the operator's
+# key authorises AddKeyslot; RemoveToken takes our tokens off the keyslot no Vault key
+# opens (never killed) before the commit.
+RECOVER: tuple[type[Step], ...] = (
+    Generate, Seal, VaultWrite, VaultReadBack, BackupHeader, AddKeyslot, ImportToken,
+    TestSlotAlone, RemoveToken, Activate, DropKeys, RemoveBackup,
+)
 
 
 @dataclass(frozen=True)
 class Plan:
     steps: tuple[Step, ...]
     summary: str
-    needs_unlock_key: bool = False
+    needs_unlock_key: bool = False  # it adds a keyslot, and no unlock key was given
+    by_operator_key: bool = False  # its AddKeyslot is authorised by the operator's key
 
     @property
     def names(self) -> list[str]:
