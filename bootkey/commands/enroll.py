@@ -1,8 +1,9 @@
 """`bootkey enroll`, `rotate`, `unenroll`, `import-vaultlocker`: arguments and output only.
 
 The decisions (what to do, in which order, how to resume) live in bootkey.enroll and
-bootkey.vaultlocker. Secrets never come from argv: the Vault token from $VAULT_TOKEN,
-$BAO_TOKEN or --token-file, an existing LUKS key from --unlock-key-file FILE or stdin.
+bootkey.vaultlocker, where the operator's Vault token comes from in
+bootkey.operator_token. Secrets never come from argv: the Vault token from --token-file,
+$VAULT_TOKEN or $BAO_TOKEN, an existing LUKS key from --unlock-key-file FILE or stdin.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ operator already had), and Vault keeps every key a keyslot uses.
 
 The modules, in the order a run goes through them (STYLE rules 3-5, 20):
 - `steps`: the steps as data and the declared sequences `ENROLL`, `ENROLL_FORMAT`,
-  `ROTATE`, `UNENROLL`; each step says what remains if the process dies right after it.
+  `ROTATE`, `RECOVER` (rotate --unlock-key-file after exit 81), `UNENROLL`; each step
+  says what remains if the process dies right after it.
 - `observe`: the header and the Vault entry as a plain `View` (which Vault key opens
   which keyslot).
 - `plan`: pure planners from a `View` to a `Plan`. A half-done state plans to the rest of

@@ -5,9 +5,10 @@ Invariant: every plan keeps "the volume opens with a key Vault holds (or the ope
 key), and Vault keeps every key a keyslot uses": no `KillSlot` comes before a
 `TestSlotAlone`/`ProveRemaining` that proves another keyslot, the proven keyslot is never
 killed, a keyslot that is not ours (`_ours`) is never killed, and `DropKeys` comes after
-the `KillSlot` of the keyslots it drops. A half-done state plans to the rest of its
-sequence, so a crashed run resumes by planning again (no journal file). tests/enroll/
-test_plan.py checks these rules for any observed state (hypothesis).
+the `KillSlot` of the keyslots it drops (or drops keys that open no keyslot). A half-done
+state plans to the rest of its sequence, so a crashed run resumes by planning again (no
+journal file). tests/enroll/test_plan.py checks these rules for any observed state
+(hypothesis).
 
 Crash windows: none (pure: no I/O).
 """

@@ -5,7 +5,7 @@ Invariant: at every instant the volume opens with a key Vault holds (or with the
 operator already had), and Vault keeps every key a keyslot uses. The order of the
 declared sequences is what keeps it: a Vault copy is written and read back before its
 keyslot exists, a keyslot is proven (`TestSlotAlone`) before another is killed, and a
-Vault key leaves only after its keyslot has gone.
+Vault key leaves only after its keyslot has gone (or once it is seen to open nothing).
 
 Crash windows: each step's docstring says what remains if the process dies right after
 it; docs/enroll.md tabulates them with what a re-run plans. What a step does lives in
