@@ -649,6 +649,9 @@ class _H2Connection(_TLSConnection):
         self._on_peer_closed()
         return True
 
+    # A client that does not read its answers has at most MAX_CONCURRENT_STREAMS of them
+    # waiting (it may open no more streams until it has seen their ends), so only the
+    # streamed responses need to wait for the socket.
     def pause_writing(self) -> None:
         self._write_paused = True
 
