@@ -24,7 +24,9 @@ from kes.messages import MAX_BODY, Request, Response
 from kes.server import ServerThread
 from kes.tls_context import TLSConfig
 from tests.support.certs import Issued, make_ca, make_leaf
-from tests.support.wait import wait_for  # noqa: F401 - used by the transport tests
+from tests.support.wait import wait_for
+
+__all__ = ["wait_for"]  # the transport tests import it from here
 
 
 @dataclass
@@ -175,7 +177,7 @@ class Reader:
         return Reply(status, headers, body)
 
     def chunks(self) -> list[bytes]:
-        out = []
+        out: list[bytes] = []
         while True:
             size = int(self._line(), 16)
             if size == 0:
@@ -301,7 +303,7 @@ class H2Client:
             if isinstance(ev, h2.events.ResponseReceived):
                 s = self.streams[ev.stream_id]
                 for name, value in ev.headers or ():
-                    if name == ":status":
+                    if name in (":status", b":status"):
                         s.status = int(value)
                     else:
                         s.headers[str(name)] = str(value)
