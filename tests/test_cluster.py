@@ -9,7 +9,6 @@ test that hurts the cluster leaves it healed (`healthy` fixture).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -17,19 +16,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import hvac
 import pytest
-import requests
 
 from bootkey import config as cfgmod
-from kes.identity import of_certificate
-from tests.kes.server_util import Pki
-from tests.support.bao import free_port
-from tests.support.certs import make_leaf
+from tests.support.kesagent import KesAgent, agent_token, grant_kes, start_kes_agent
 from tests.support.luksimg import PASSPHRASE, enroll_direct, make_image
 from tests.support.notify import NotifyListener
 from tests.support.raft import RaftCluster, RaftNode
@@ -254,22 +247,6 @@ def short_token_ttl(fleet: Fleet, healthy: RaftCluster) -> Iterator[str]:
                                                              token_max_ttl="24h")
 
 
-def agent_token(cluster: RaftCluster, role: str, since: float) -> dict[str, Any]:
-    """The lookup of the one live token `role` issued after `since` (wall clock): the
-    agent's."""
-    root = cluster.root()
-    found: list[dict[str, Any]] = []
-    for acc in root.list("auth/token/accessors")["data"]["keys"]:
-        try:
-            data = root.auth.token.lookup_accessor(acc)["data"]
-        except hvac.exceptions.VaultError:
-            continue  # expired meanwhile
-        if (data.get("meta") or {}).get("role_name") == role and data["creation_time"] >= since:
-            found.append(data)
-    assert len(found) == 1, f"expected the agent's token only, found {len(found)}"
-    return found[0]
-
-
 def test_agent_renews_its_token_through_a_leader_change(
         fleet: Fleet, healthy: RaftCluster, short_token_ttl: str, tmp_path: Path) -> None:
     active, addresses = active_first(healthy)
@@ -279,7 +256,7 @@ def test_agent_renews_its_token_through_a_leader_change(
     proc = start_agent(cfg_file, notify)
     try:
         notify.wait_for(lambda m: m == f"STATUS={VOLUMES}/{VOLUMES} volumes verified")
-        accessor = agent_token(healthy, short_token_ttl, started)["accessor"]
+        accessor = agent_token(healthy.root(), short_token_ttl, started)["accessor"]
         active.kill()
         killed_at = time.time()
         healthy.active(not_=active)
@@ -298,83 +275,13 @@ def test_agent_renews_its_token_through_a_leader_change(
     assert rc == 0, err
 
 
-@dataclass
-class KesAgent:
-    proc: subprocess.Popen[str]
-    notify: NotifyListener
-    base: str
-    pki: Pki
-    cert: Path
-    key: Path
-
-    http: requests.Session = field(default_factory=requests.Session)
-
-    def call(self, path: str, body: dict[str, str]) -> tuple[int, str]:
-        """One KES call on a kept-alive mTLS connection: calls follow each other within
-        milliseconds, as a MinIO's do."""
-        r = self.http.post(self.base + path, data=json.dumps(body), timeout=20,
-                           cert=(str(self.cert), str(self.key)), verify=str(self.pki.ca_file))
-        return r.status_code, r.text
-
-
 @pytest.fixture
 def kes_policy(fleet: Fleet, healthy: RaftCluster) -> str:
-    """A KES keystore prefix the host's AppRole may use."""
-    prefix = f"kes-{fleet.env.host_id}"
-    root = healthy.root()
-    root.sys.create_or_update_policy(prefix, (
-        f'path "secret/data/{prefix}/*" {{ capabilities = ["create", "read"] }}\n'
-        f'path "secret/metadata/{prefix}/*" {{ capabilities = ["list", "read"] }}\n'))
-    role = boot_role(fleet)
-    root.auth.approle.create_or_update_approle(role, token_policies=[role, prefix])
-    return prefix
+    return grant_kes(healthy.root(), fleet.env.host_id)
 
 
-def start_kes_agent(fleet: Fleet, tmp: Path, addresses: Sequence[str],
-                    prefix: str) -> KesAgent:
-    pki = Pki.create(tmp)
-    srv_cert, srv_key = pki.write_client(pki.server, "server")
-    client = make_leaf(None, "minio", kind="ed25519", client=True)
-    cli_cert, cli_key = pki.write_client(client, "minio")
-    port = free_port()
-    cfg_file = fleet.config_file(tmp, addresses, f"""
-[kes]
-enabled = true
-address = "127.0.0.1:{port}"
-[kes.admin]
-identity = "disabled"
-[kes.tls]
-cert = "{srv_cert}"
-key = "{srv_key}"
-[kes.policy.minio]
-allow = ["/v1/key/create/minio-*", "/v1/key/generate/minio-*", "/v1/key/decrypt/minio-*"]
-identities = ["{of_certificate(client.cert)}"]
-[kes.keystore.vault]
-engine = "secret"
-version = "v2"
-prefix = "{prefix}"
-""")
-    notify = NotifyListener(tmp / "notify.sock")
-    proc = start_agent(cfg_file, notify)
-    notify.wait_for(lambda m: m == "READY=1")
-    return KesAgent(proc, notify, f"https://127.0.0.1:{port}", pki, cli_cert, cli_key)
-
-
-CONTEXT = {"context": base64.b64encode(b"bucket/object").decode()}
-
-
-def create_and_generate(kes: KesAgent, name: str) -> dict[str, str]:
-    assert kes.call(f"/v1/key/create/{name}", {}) == (200, "")
-    code, body = kes.call(f"/v1/key/generate/{name}", CONTEXT)
-    assert code == 200, body
-    dek: dict[str, str] = json.loads(body)
-    return dek
-
-
-def decrypts(kes: KesAgent, name: str, dek: dict[str, str]) -> bool:
-    code, body = kes.call(f"/v1/key/decrypt/{name}",
-                          {"ciphertext": dek["ciphertext"], **CONTEXT})
-    return code == 200 and json.loads(body)["plaintext"] == dek["plaintext"]
+def kes_agent(fleet: Fleet, tmp: Path, addresses: Sequence[str], prefix: str) -> KesAgent:
+    return start_kes_agent(tmp, lambda kes: fleet.toml(addresses, kes), prefix, start_agent)
 
 
 def stop_kes_agent(kes: KesAgent) -> None:
@@ -391,10 +298,10 @@ def stop_kes_agent(kes: KesAgent) -> None:
     "X-Vault-Index of its write with `X-Vault-Inconsistent: forward-active-node`"))
 def test_kes_through_a_standby(fleet: Fleet, healthy: RaftCluster, kes_policy: str,
                                tmp_path: Path) -> None:
-    kes = start_kes_agent(fleet, tmp_path, standby_first(healthy), kes_policy)
+    kes = kes_agent(fleet, tmp_path, standby_first(healthy), kes_policy)
     try:
-        dek = create_and_generate(kes, "minio-standby")
-        assert decrypts(kes, "minio-standby", dek)
+        dek = kes.create_and_generate("minio-standby")
+        assert kes.decrypts("minio-standby", dek)
     finally:
         stop_kes_agent(kes)
 
@@ -408,13 +315,13 @@ def test_kes_rides_through_a_leader_change(fleet: Fleet, healthy: RaftCluster,
     """The node the agent talks to dies: the first KES call after the election succeeds,
     new keys (a Vault write) and old ones (cached) alike."""
     active, addresses = active_first(healthy)
-    kes = start_kes_agent(fleet, tmp_path, addresses, kes_policy)
+    kes = kes_agent(fleet, tmp_path, addresses, kes_policy)
     try:
-        before = create_and_generate(kes, "minio-before")
+        before = kes.create_and_generate("minio-before")
         active.kill()
         healthy.active(not_=active)
-        after = create_and_generate(kes, "minio-after")
-        assert decrypts(kes, "minio-after", after)
-        assert decrypts(kes, "minio-before", before)
+        after = kes.create_and_generate("minio-after")
+        assert kes.decrypts("minio-after", after)
+        assert kes.decrypts("minio-before", before)
     finally:
         stop_kes_agent(kes)
