@@ -90,9 +90,7 @@ class KesComponent:
     def __init__(self, agent: Agent) -> None:
         import kes.service
 
-        session = agent._session()
-        self.service = kes.service.build(agent.cfg.kes, vault_client_factory=session.raw_client,
-                                         vault_relogin=session.login)
+        self.service = kes.service.build(agent.cfg.kes, agent._session())
         # the service's own thread: it renews a Vault-PKI server certificate if configured
         self.thread = self.service.thread()
 
@@ -108,7 +106,7 @@ class KesComponent:
 
 
 def kes_component(agent: Agent) -> Component | None:
-    if not agent.cfg.kes.get("enabled"):
+    if not agent.cfg.kes.enabled:
         return None
     return KesComponent(agent)
 
@@ -256,7 +254,7 @@ class Agent:
         """Unlock, retrying volumes whose failure may go away (Vault sealed, network)."""
         session = self._session()
         pending = volumes
-        delay = self.cfg.unlock.retry_initial
+        attempt = 0
         while pending:
             self.notifier.status(f"unlocking {len(pending)} volume(s)")
             for r in unlock.unlock_all(session, pending, check=self.check,
@@ -268,6 +266,8 @@ class Agent:
                        and self.results[v.name].error.retryable]  # type: ignore[union-attr]
             if not pending:
                 return
+            attempt += 1
+            delay = session.backoff.delay(attempt)  # the session's policy: full jitter
             if time.monotonic() + delay > deadline_at:
                 raise DeadlineExceeded(
                     f"unlock: gave up after {self.cfg.unlock.deadline:g} s: "
@@ -277,7 +277,6 @@ class Agent:
             self.notifier.status(f"waiting for Vault to unlock {len(pending)} volume(s): "
                                  f"next try in {delay:.0f} s")
             self._sleep(delay)
-            delay = min(delay * 2, self.cfg.unlock.retry_max)
 
     def summary(self) -> str:
         ok = sum(1 for r in self.results.values() if r.ok)
@@ -291,9 +290,7 @@ class Agent:
     def _renew_loop(self) -> None:
         session = self._session()
         while not self.stop_event.is_set():
-            ttl = session.token_ttl()
-            wait = min(max(ttl * 2 / 3, 1.0), 3600.0) if ttl != float("inf") else 3600.0
-            if self.stop_event.wait(wait):
+            if self.stop_event.wait(session.renew_due_in()):
                 return
             try:
                 session.renew_or_relogin()

@@ -50,10 +50,10 @@ class Fleet:
         return text.replace("[unlock]\n",
                             f'[unlock]\nsearch = ["{search or self.images}/*.img"]\n')
 
-    def config_file(self, tmp: Path, addresses: Sequence[str], extra: str = "",
-                    **kw: str) -> Path:
+    def config_file(self, tmp: Path, addresses: Sequence[str], extra: str = "", *,
+                    deadline: str = "30s", search: Path | None = None) -> Path:
         p = tmp / "bootkey.toml"
-        p.write_text(self.toml(addresses, extra, **kw))
+        p.write_text(self.toml(addresses, extra, deadline=deadline, search=search))
         return p
 
 

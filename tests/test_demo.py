@@ -24,6 +24,8 @@ def test_demo_enrolls_verifies_rotates_and_cleans_up(tmp_path: Path) -> None:
     assert "bootkey rotate data" in out and "verified (keyslot 2)" in out
     assert list(tmp_path.iterdir()) == []  # work dir, images, credentials: all gone
     # the dev server is gone too
-    port = int(re.search(r"OpenBao dev server on http://127.0.0.1:(\d+)", out).group(1))
+    m = re.search(r"OpenBao dev server on http://127.0.0.1:(\d+)", out)
+    assert m, out
+    port = int(m.group(1))
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
         pass

@@ -6,7 +6,8 @@ import asyncio
 import base64
 import json
 import logging
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 import pytest
 
@@ -356,8 +357,9 @@ def test_audit_and_error_streams_deliver(api: Api, store: FlakyStore) -> None:
         for _ in range(2):
             audits.append(json.loads(await asyncio.wait_for(a_it.__anext__(), 5)))
         errs = [json.loads(await asyncio.wait_for(e_first, 5))]
-        await a_it.aclose()
-        await e_it.aclose()
+        # the streams are async generators; closing them ends their subscriptions
+        await cast(AsyncGenerator[bytes, None], a_it).aclose()
+        await cast(AsyncGenerator[bytes, None], e_it).aclose()
         return audits, errs
 
     from kes.audit import HubHandler

@@ -87,7 +87,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("kes-wire")
     bao = DevBao(tmp / "bao").start()
     pki = Pki.create(tmp)
-    clients = {k: _client(pki, k, make_leaf(None, f"minio-{k}", kind=k, client=True))  # type: ignore[arg-type]
+    clients = {k: _client(pki, k, make_leaf(None, f"minio-{k}", kind=k, client=True))
                for k in ("rsa", "ec", "ed25519")}
     apikey = APIKey.generate()
     api_issued = Issued(apikey.private_key, apikey.certificate())
