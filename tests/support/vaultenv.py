@@ -11,6 +11,7 @@ import hvac
 
 from bootkey import config as cfgmod
 from bootkey import provision as prov
+from tests.support.scan import register_secret
 
 
 def new_host_id() -> str:
@@ -53,6 +54,7 @@ def provision(root: hvac.Client, workdir: Path, *, kv_version: int = 2,
         {"address": root.url, "kv": {"mount": mount, "version": kv_version}})
     prov.ensure_engines(root, vcfg)
     creds = prov.create_host(root, vcfg, host_id)
+    register_secret(creds.secret_id.encode(), f"secret_id of host {host_id}")
     workdir.mkdir(parents=True, exist_ok=True)
     sid = workdir / f"secret-id-{host_id}"
     sid.write_text(creds.secret_id)
