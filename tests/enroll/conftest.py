@@ -19,6 +19,7 @@ from bootkey import enroll, keystore, luks
 from bootkey.vault import VaultSession
 from bootkey_core.secret import SecretBuffer
 from tests.support.luksimg import PASSPHRASE, make_image
+from tests.support.scan import register_secret
 from tests.support.vaultenv import VaultEnv
 
 BOOTKEY = [sys.executable, "-m", "bootkey.cli"]
@@ -85,6 +86,7 @@ class Env:
         for k in entry.keys if entry else []:
             if k.keyslot in slots:
                 with keystore.unseal(s, loc, k) as key:
+                    register_secret(key, f"key of {dev} keyslot {k.keyslot} (unsealed)")
                     if luks.test_key(dev, key, k.keyslot) is luks.KeyTest.OK:
                         out.append(k.keyslot)
         return out
