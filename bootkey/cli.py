@@ -20,6 +20,7 @@ from bootkey_core.errors import BootkeyError
 _COMMAND_MODULES = (
     "unlock",
     "agent",
+    "status",
     "enroll",
     "policy",
     "crypttab",
@@ -32,6 +33,7 @@ examples:
   bootkey unlock --all --check        verify every volume's Vault key, open nothing
   bootkey unlock --all                open every configured or enrolled volume
   bootkey policy                      print the Vault policy a booting host needs
+  bootkey status                      what the running agent is doing
 
 configuration: /etc/bootkey/bootkey.toml (--config or $BOOTKEY_CONFIG); see docs/.
 """

@@ -443,6 +443,10 @@ class VaultSession:
             raise VaultBadAnswer(f"{api}: answer has no ciphertext")
         return ct
 
+    def http_sessions(self) -> list[requests.Session]:
+        """Each address's HTTP session, for response hooks (the agent's metrics)."""
+        return [c.session for c in self._clients]
+
     def raw_client(self) -> hvac.Client:
         """The preferred address's hvac client with the session token (sharp tool)."""
         c = self._clients[self._preferred]
