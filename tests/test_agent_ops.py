@@ -4,6 +4,7 @@ OpenBao, real sockets, the agent as a real process."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -20,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bootkey import config as cfgmod
 from bootkey_core.errors import ConfigError
-from tests.support.bao import free_port
+from tests.support.bao import DevBao, free_port
+from tests.support.kesagent import kes_agent
 from tests.support.luksimg import enroll_direct, make_image
 from tests.support.notify import NotifyListener
 from tests.support.vaultenv import VaultEnv
@@ -220,3 +222,43 @@ def test_metrics_accept_localhost(address: str) -> None:
 def test_metrics_address_needs_a_port() -> None:
     with pytest.raises(ConfigError, match="is not host:port"):
         cfgmod.parse('[metrics]\naddress = "127.0.0.1"\n')
+
+
+def test_kes_in_status_metrics_watchdog_and_sighup_policy(
+        vault_env2: VaultEnv, bao: DevBao, tmp_path: Path, notify: NotifyListener) -> None:
+    """The embedded KES: its event loop beats for the watchdog, `status` shows it
+    listening with its counters, `/metrics` carries KES's families next to bootkey's,
+    and a policy removed from the config is enforced after SIGHUP."""
+    ka = kes_agent(vault_env2, bao, tmp_path)
+    mport = free_port()
+    metrics = f'[metrics]\naddress = "127.0.0.1:{mport}"\n'
+    cfg_file = tmp_path / "bootkey.toml"
+    cfg_file.write_text(vault_env2.toml(metrics + ka.toml()))
+    proc = start_agent(cfg_file, notify, env={"WATCHDOG_USEC": "2000000"})
+    try:
+        notify.wait_for(lambda m: m == "READY=1")
+        assert ka.curl("/v1/key/create/minio-k", "") == (200, "")
+        snap = status_json(cfg_file)
+        assert "kes" in snap["agent"]["watchdog"]["loops"]
+        assert snap["kes"] == {"enabled": True, "listening": f"127.0.0.1:{ka.port}",
+                               "keys_cached": snap["kes"]["keys_cached"],
+                               "requests": {"success": 1, "error": 0, "failure": 0}}
+        text = scrape(mport)
+        assert sample(text, "kes_http_request_success", code="200") == 1
+        assert sample(text, "bootkey_vault_logins_total", result="ok") == 1
+        # pings go on while KES's loop beats (four intervals of 1 s)
+        wait_for(lambda: len(notify.times_of("WATCHDOG=1")) >= 4, timeout=30,
+                 what="four pings")
+        cfg_file.write_text(vault_env2.toml(metrics + ka.toml(allow=("/v1/key/create/minio-*",))))
+        proc.send_signal(signal.SIGHUP)
+
+        def generate() -> int:
+            return ka.curl("/v1/key/generate/minio-k",
+                           json.dumps({"context": base64.b64encode(b"ctx").decode()}))[0]
+
+        wait_for(lambda: generate() == 403, timeout=30, what="the narrower policy")
+        assert proc.poll() is None
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
+    assert "kes: configuration reloaded" in err
