@@ -178,12 +178,7 @@ class KesComponent:
 
     def reload(self) -> None:
         """Policies, cache expiry, log levels; the service logs what needs a restart."""
-        import kes.config
-
-        section = self.agent.cfg.kes
-        cfg = section if isinstance(section, kes.config.KesConfig) else \
-            kes.config.from_section(section, "bootkey.toml [kes]")
-        self.service.reload(cfg)
+        self.service.reload(self.agent.cfg.kes)
 
     def facts(self) -> dict[str, Any]:
         m = self.service.api.metrics
@@ -193,7 +188,7 @@ class KesComponent:
 
 
 def kes_component(agent: Agent) -> Component | None:
-    if not _kes_enabled(agent.cfg.kes):
+    if not agent.cfg.kes.enabled:
         return None
     return KesComponent(agent)
 
@@ -648,12 +643,6 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
            if getattr(old, name) != getattr(new, name)]
     if old.unlock.mode != new.unlock.mode:
         out.append("unlock.mode")
-    old_kes, new_kes = old.kes, new.kes
-    if _kes_enabled(old_kes) != _kes_enabled(new_kes):
+    if old.kes.enabled != new.kes.enabled:
         out.append("kes.enabled")
     return out
-
-
-def _kes_enabled(section: Any) -> bool:
-    return bool(section.get("enabled") if isinstance(section, dict)
-                else getattr(section, "enabled", False))

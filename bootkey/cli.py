@@ -24,8 +24,11 @@ _COMMAND_MODULES = (
     "enroll",
     "policy",
     "crypttab",
+    "initrd",
     "kes",
     "demo",
+    "setup_vault",
+    "doctor",
 )
 
 EPILOG = """\
