@@ -275,15 +275,23 @@ class Agent:
             raise RuntimeError("agent: no Vault session before login")
         return self.session
 
-    def on_luks_device(self, devnode: str) -> None:
+    def on_luks_device(self, devnode: str, *, loop: str = "hotplug") -> None:
         """Hotplug: unlock `devnode` if it is ours (token for this host, or configured).
-        Opening is idempotent, so duplicate udev events cost a header read."""
+        Opening is idempotent, so duplicate udev events cost a header read. `loop` is
+        the loop this runs on, busy (bounded by the unlock deadline) meanwhile."""
         with self._volumes_lock:
             if not self._initial_done.is_set():
                 # the first unlock round is running: it handles what it resolved, and
                 # the rest is looked at right after it (no racing duplicate opens)
                 self._deferred.append(devnode)
                 return
+        self.beat(loop, busy_for=self.cfg.unlock.deadline)
+        try:
+            self._unlock_hotplugged(devnode)
+        finally:
+            self.beat(loop)
+
+    def _unlock_hotplugged(self, devnode: str) -> None:
         try:
             hdr = luks.inspect(devnode)
         except BootkeyError:
@@ -300,11 +308,8 @@ class Agent:
         log.info("hotplug: %s appeared, unlocking %s", devnode, vol.name,
                  extra=fields(volume=vol.name, luks_uuid=vol.luks_uuid, device=devnode))
         use = unlock.check_key if self.check else unlock.open_with_key
-        self.beat("hotplug", busy_for=self.cfg.unlock.deadline)
-        r = unlock.unlock_one(self._session(), vol, use,
-                              time.monotonic() + self.cfg.unlock.deadline)
-        self.beat("hotplug")
-        self.record(r)
+        self.record(unlock.unlock_one(self._session(), vol, use,
+                                      time.monotonic() + self.cfg.unlock.deadline))
         with self._volumes_lock:
             self._volumes_at = 0.0  # re-resolve on next use
         self.notifier.status(self.summary())
@@ -314,7 +319,7 @@ class Agent:
             self._initial_done.set()
             deferred, self._deferred = list(dict.fromkeys(self._deferred)), []
         for devnode in deferred:
-            self.on_luks_device(devnode)
+            self.on_luks_device(devnode, loop="main")
 
     def _report_ready(self, status: str) -> None:
         with self._volumes_lock:
