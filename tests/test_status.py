@@ -4,6 +4,7 @@ source it names, Vault path classes for metrics."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from bootkey.config import AppRoleConfig
 from bootkey.metrics import path_class
 from bootkey.unlock import Outcome, VolumeResult
 
-RUNNING = {
+RUNNING: dict[str, Any] = {
     "agent": {"running": True, "pid": 812, "since": "2026-12-04T06:02:11Z", "mode": "agent",
               "ready": True, "status": "1/2 volumes open; failed: logs",
               "watchdog": {"interval": 60.0, "loops": ["control", "main", "renewal"],
