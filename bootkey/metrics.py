@@ -122,9 +122,16 @@ class AgentMetrics:
             s.hooks["response"].append(self.on_response)
         self.token_seconds_left.set_function(token_ttl)
 
-    def serve(self, address: str) -> MetricsServer:
+    def serve(self, address: str) -> MetricsServer | None:
+        """Listen on `address`; None (and an error in the log) if it cannot: metrics are
+        optional, and a taken port must not keep volumes from opening."""
         host, port = loopback_port(address)
-        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            log.error("metrics.address: cannot listen on %s: %s — choose a free port; "
+                      "the agent runs without metrics", address, e.strerror or e)
+            return None
         log.info("metrics: serving Prometheus text on http://%s/metrics", address)
 
         def shutdown() -> None:

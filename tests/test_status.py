@@ -109,3 +109,18 @@ def test_duration(seconds: float | None, text: str) -> None:
     ("/v1/secret/data/bootkey/h/u", "kv"), ("/v1/kv1/bootkey/h/u", "kv")])
 def test_vault_path_classes(path: str, cls: str) -> None:
     assert path_class(path) == cls
+
+
+def test_a_taken_metrics_port_is_logged_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from bootkey.metrics import AgentMetrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level("ERROR", logger="bootkey.metrics"):
+            assert AgentMetrics().serve(f"127.0.0.1:{port}") is None
+    assert f"metrics.address: cannot listen on 127.0.0.1:{port}: Address already in use" \
+        in caplog.text
