@@ -616,9 +616,8 @@ class Agent:
                     self.record(r)
                 self._unlock(volumes, deadline_at)
                 self._initial_round_done()
-            status = self.summary() if self.cfg.unlock.mode == "agent" else \
-                "serving keys to systemd-cryptsetup"
-            self._report_ready(status)
+            self._report_ready(self.summary() if self.cfg.unlock.mode == "agent" else
+                               "serving keys to systemd-cryptsetup")
             threading.Thread(target=self._renew_loop, daemon=True, name="renewal").start()
             self._main_loop()
         except Interrupted:

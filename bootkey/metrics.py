@@ -7,6 +7,10 @@ class, without touching the calls. A request that gets no HTTP answer at all
 (connection refused, timeout) has no response to hook: it shows as a missing request
 here and as a retry in the journal.
 
+Invariant: counting never breaks or holds up a Vault call: the hook reads status, path
+and elapsed time only (never a body, never a header: tokens travel in headers), and
+swallows its own errors.
+
     m = AgentMetrics()
     m.watch_session(session)
     m.registry.register(kes_service.api.metrics)    # KES's families, same registry
