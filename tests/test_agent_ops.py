@@ -124,8 +124,8 @@ def test_status_of_a_running_agent_and_of_none(vault_env2: VaultEnv, tmp_path: P
         assert text.stdout.startswith(f"agent       running (pid {proc.pid}")
         assert "VOLUME  LUKS UUID" in text.stdout and "verified  ok" in text.stdout
         # nothing secret crosses the socket
-        token_file = Path(vault_env2.secret_id_file).read_text().strip()
-        assert token_file not in json.dumps(snap)
+        secret_id = Path(vault_env2.secret_id_file).read_text().strip()
+        assert secret_id not in json.dumps(snap) and secret_id not in text.stdout
     finally:
         rc, err = stop(proc)
     assert rc == 0, err
