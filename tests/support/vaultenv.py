@@ -38,6 +38,8 @@ class VaultEnv:
             + f"[vault.approle]\nrole_id = \"{self.role_id}\"\n"
             f"secret_id_file = \"{self.secret_id_file}\"\n"
             f"[vault.kv]\nmount = \"{self.kv_mount}\"\nversion = {self.kv_version}\n"
+            # the agent's control socket next to the secret_id: never the system's
+            f"[control]\npath = \"{self.secret_id_file.parent / 'control.sock'}\"\n"
             f"[unlock]\ndeadline = \"{deadline}\"\nretry_initial = \"50ms\"\n"
             f"retry_max = \"500ms\"\n" + extra
         )
