@@ -417,14 +417,15 @@ def _write_private(path: Path, data: bytes | bytearray) -> None:
 
 
 def _encrypt_credential(d: Credential, secret: bytearray) -> None:
-    d.path.parent.mkdir(parents=True, exist_ok=True)
-    res = _proc.run(["systemd-creds", "encrypt", f"--name={d.name}", "-", str(d.path)],
+    # to stdout, then written 0600 here: the file's mode does not depend on the umask
+    res = _proc.run(["systemd-creds", "encrypt", f"--name={d.name}", "-", "-"],
                     stdin=secret, timeout=CREDS_TIMEOUT)
-    if res.returncode != 0:
+    if res.returncode != 0 or not res.stdout:
         last = res.stderr.strip().splitlines()[-1:] or [""]
         raise SetupFailed(f"{d.path}: cannot write the credential: systemd-creds encrypt "
                           f"failed (exit {res.returncode}: {last[0]}) — or use "
                           "--secret-id wrapped")
+    _write_private(d.path, res.stdout)
 
 
 class SetupFailed(BootkeyError):
