@@ -108,7 +108,7 @@ class KesComponent:
 
 
 def kes_component(agent: Agent) -> Component | None:
-    if not agent.cfg.kes.get("enabled"):
+    if not agent.cfg.kes.enabled:
         return None
     return KesComponent(agent)
 

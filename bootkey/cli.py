@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "enroll",
     "policy",
     "crypttab",
+    "initrd",
     "kes",
     "demo",
     "setup_vault",

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from OpenSSL.SSL import _NoOverlappingProtocols
 
 ALPN_HTTP11 = b"http/1.1"
+ALPN_H2 = b"h2"
 # Any constant works; without one every resumption attempt ends in a fatal
 # "internal error" alert instead of a full handshake (KES-TLS-STACKS.md pitfall 2).
 SESSION_ID_CONTEXT = b"bootkey-kes"
@@ -61,8 +62,16 @@ def _accept_any(
 def _select_alpn(
     _conn: SSL.Connection, offered: list[bytes]
 ) -> bytes | _NoOverlappingProtocols:
-    # Go clients offer h2 first (ForceAttemptHTTP2); KES speaks both, we speak http/1.1,
-    # which Go accepts. A client offering no http/1.1 gets no ALPN at all.
+    # As KES (Go net/http): h2 when offered (Go clients with ForceAttemptHTTP2, curl,
+    # MinIO), else http/1.1. A client without ALPN never gets here and speaks HTTP/1.1.
+    if ALPN_H2 in offered:
+        return ALPN_H2
+    return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _select_alpn_http11(
+    _conn: SSL.Connection, offered: list[bytes]
+) -> bytes | _NoOverlappingProtocols:
     return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
@@ -84,10 +93,11 @@ def _has_san(cert: x509.Certificate) -> bool:
     return True
 
 
-def build_context(tls: TLSConfig) -> SSL.Context:
+def build_context(tls: TLSConfig, *, http2: bool = True) -> SSL.Context:
     """Build the server context. Build it once, before forking workers: the session-ticket
     keys live in the context, and workers with separate contexts lose about half of all
-    resumptions (KES-TLS-STACKS.md pitfall 3)."""
+    resumptions (KES-TLS-STACKS.md pitfall 3). `http2=False` offers only http/1.1 in
+    ALPN (for comparisons; KES itself always offers both)."""
     chain = _load_certs(tls.cert_pem, "certificate")
     if not _has_san(chain[0]):
         # Same refusal as KES: Go clients ignore the CN and need a DNS or IP SAN.
@@ -132,7 +142,7 @@ def build_context(tls: TLSConfig) -> SSL.Context:
     # Idle keep-alive connections give their 16 KiB record buffers back: 50 -> 33 kB of
     # RSS per idle connection, with no measurable CPU cost per request.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    ctx.set_alpn_select_callback(_select_alpn)
+    ctx.set_alpn_select_callback(_select_alpn if http2 else _select_alpn_http11)
     # Session tickets stay on: MinIO's KES client keeps an LRU session cache, and Go does
     # not resume TLS 1.2 by session id (pitfall 4).
 

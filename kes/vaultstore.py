@@ -22,6 +22,7 @@ import hvac
 import hvac.adapters
 import requests
 
+from bootkey_core.vault_policy import Rule, hcl
 from kes.keyring import KeyExists, KeyNotFound, StoreError, StoreUnreachable
 
 _HEALTH_PARAMS = {  # report every state as 299 so the body is always parsed (KES does)
@@ -244,18 +245,22 @@ class VaultKeyStore:
             raise StoreError(f"vault: {url}: invalid vault response") from None
 
 
-def policy_hcl(c: VaultStoreConfig) -> str:
-    """The least-privilege Vault policy a store with this config needs, as HCL."""
+def policy_rules(c: VaultStoreConfig) -> list[Rule]:
+    """The least-privilege Vault rules a store with this config needs."""
     if c.version == 2:
-        data = _join(c.engine, "data", c.prefix, "*")
         meta = _join(c.engine, "metadata", c.prefix)
-        rules = [(data, '"create", "read"'), (meta + "/*", '"delete"'),
-                 (meta + "/", '"list", "read"')]
+        rules = [Rule(_join(c.engine, "data", c.prefix, "*"), ("create", "read")),
+                 Rule(meta + "/*", ("delete",)), Rule(meta + "/", ("list", "read"))]
     else:
         entries = _join(c.engine, c.prefix)
-        rules = [(entries + "/*", '"create", "read", "delete"'),
-                 (entries + "/", '"list", "read"')]
+        rules = [Rule(entries + "/*", ("create", "read", "delete")),
+                 Rule(entries + "/", ("list", "read"))]
     if c.transit_key:
-        for op in ("encrypt", "decrypt"):
-            rules.append((_join(c.transit_engine, op, c.transit_key), '"update"'))
-    return "".join(f'path "{p}" {{\n  capabilities = [{caps}]\n}}\n' for p, caps in rules)
+        rules += [Rule(_join(c.transit_engine, op, c.transit_key), ("update",))
+                  for op in ("encrypt", "decrypt")]
+    return rules
+
+
+def policy_hcl(c: VaultStoreConfig) -> str:
+    """`policy_rules` as HCL, written by the one policy writer."""
+    return hcl(policy_rules(c), "the Vault policy bootkey's KES keystore needs")

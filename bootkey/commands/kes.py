@@ -167,9 +167,8 @@ def _load(args: argparse.Namespace) -> tuple[KesConfig, BootkeyConfig | None]:
     from kes import config as kconf
     if args.kes_config:
         return kconf.load_yaml(args.kes_config), None
-    path = args.serve_config or args.config
-    bcfg = bconf.load(path)
-    return kconf.from_section(bcfg.kes, f"{path or 'bootkey.toml'} [kes]"), bcfg
+    bcfg = bconf.load(args.serve_config or args.config)
+    return bcfg.kes, bcfg
 
 
 def run_vault_policy(args: argparse.Namespace) -> int:
