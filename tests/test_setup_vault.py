@@ -251,3 +251,14 @@ def test_credential_delivery_is_sealed_with_systemd_creds(fresh_bao: DevBao,
         role_id, plain.read_text().strip(), use_token=False)
     assert login["auth"]["client_token"]
     assert sorted(login["auth"]["token_policies"]) == [f"bootkey-boot-{host}", "default"]
+
+
+def test_a_token_without_admin_rights_is_refused_naming_the_path(
+        fresh_bao: DevBao, tmp_path: Path) -> None:
+    weak = fresh_bao.client().auth.token.create(policies=["default"], ttl="10m")
+    cfg = _config(tmp_path, fresh_bao, new_host_id())
+    before = _snapshot(fresh_bao.client())
+    res = _cli(cfg, "setup-vault", "--secret-id", "none", token=weak["auth"]["client_token"])
+    assert res.returncode == 77, res.stderr
+    assert "sys/auth: cannot list auth methods: permission denied (403)" in res.stderr
+    assert _snapshot(fresh_bao.client()) == before
