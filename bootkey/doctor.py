@@ -166,8 +166,10 @@ def check_wrapped(cfg: Config, path: Path) -> Check:
 
 def _client(cfg: Config) -> hvac.Client:
     v = cfg.vault
-    return hvac.Client(url=v.address[0], timeout=v.timeout, namespace=v.namespace or None,
-                       verify=str(v.ca_file) if v.ca_file else True)
+    c = hvac.Client(url=v.address[0], timeout=v.timeout, namespace=v.namespace or None,
+                    verify=str(v.ca_file) if v.ca_file else True)
+    c.token = None  # hvac would pick up $VAULT_TOKEN or ~/.vault-token: not ours to send
+    return c
 
 
 def _session(cfg: Config) -> VaultSession:
