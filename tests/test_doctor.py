@@ -257,3 +257,10 @@ def test_a_wrapped_secret_id_is_looked_up_never_unwrapped(
     assert wrapped.exists()
     unwrapped = hvac.Client(url=bao.address, token=wrapped.read_text()).sys.unwrap()
     assert unwrapped["data"]["secret_id"]
+
+
+def test_a_dead_address_next_to_a_live_one_is_a_warning() -> None:
+    live = dc.reachable("https://v1:8200", 200, None)
+    dead = dc.reachable("https://v2:8200", None, "connection failed")
+    assert [c.status for c in dc.failover([live, dead])] == [Status.PASS, Status.WARN]
+    assert [c.status for c in dc.failover([dead])] == [Status.FAIL]
