@@ -87,6 +87,8 @@ def probe_vault(address: str, ca_file: Path | None, timeout: float,
     try:
         res = requests.get(f"{address}/v1/sys/health", timeout=timeout, verify=verify)
     except requests.exceptions.SSLError as e:
+        if "WRONG_VERSION_NUMBER" in str(e):
+            return dc.not_tls(address), None
         return dc.tls_failed(address, str(ca_file) if ca_file else None, _tls_reason(e)), None
     except (requests.ConnectionError, requests.Timeout) as e:
         kind = "timed out" if isinstance(e, requests.Timeout) else "connection failed"
@@ -105,7 +107,9 @@ def probe_vault(address: str, ca_file: Path | None, timeout: float,
 
 def _tls_reason(e: Exception) -> str:
     m = re.search(r"certificate verify failed: ([^(')\"]+)", str(e))
-    return m.group(1).strip() if m else "TLS handshake failed"
+    if m:
+        return m.group(1).strip()
+    return "TLS handshake failed"
 
 
 # ---- Vault: login, token, re-login, capabilities ----------------------------------------------
@@ -166,8 +170,10 @@ def check_wrapped(cfg: Config, path: Path) -> Check:
 
 def _client(cfg: Config) -> hvac.Client:
     v = cfg.vault
-    return hvac.Client(url=v.address[0], timeout=v.timeout, namespace=v.namespace or None,
-                       verify=str(v.ca_file) if v.ca_file else True)
+    c = hvac.Client(url=v.address[0], timeout=v.timeout, namespace=v.namespace or None,
+                    verify=str(v.ca_file) if v.ca_file else True)
+    c.token = None  # hvac would pick up $VAULT_TOKEN or ~/.vault-token: not ours to send
+    return c
 
 
 def _session(cfg: Config) -> VaultSession:
@@ -331,11 +337,14 @@ def run_checks(config_path: str | None, where: Where = Where()) -> list[Check]:
                       "fix [[volume]] device = in the config") for f in failed]
         probes = [probe_vault(a, cfg.vault.ca_file, cfg.vault.timeout)
                   for a in cfg.vault.address]
-        out += [c for c, _ in probes]
+        out += dc.failover([c for c, _ in probes])
         skews = [s for c, s in probes if c.status is Status.PASS]
         if skews:
             out.append(dc.clock_skew(skews[0]))
             out += check_access(cfg, host, volumes)
+        else:
+            out.append(Check("approle login", Status.WARN,
+                             "not tried: no Vault address answered", "fix the Vault checks above"))
     unit = unit_facts(where)
     out.append(dc.memlock(_memlock_kib(), _mlockall_error(), unit.limit_memlock))
     out.append(dc.unit_memlock(unit.installed, unit.limit_memlock))

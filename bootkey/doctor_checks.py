@@ -84,6 +84,21 @@ def tls_failed(address: str, ca_file: str | None, error: str) -> Check:
                  "set [vault] ca_file to the CA that issued Vault's certificate")
 
 
+def failover(checks: Sequence[Check]) -> list[Check]:
+    """Per-address verdicts for a Vault with several addresses: while one answers,
+    bootkey fails over to it, so the others' failures are warnings."""
+    if not any(c.status is Status.PASS for c in checks):
+        return list(checks)
+    return [Check(c.name, Status.WARN, f"{c.detail} (another address answers: fail-over "
+                  "has one server less)", c.fix) if c.status is Status.FAIL else c
+            for c in checks]
+
+
+def not_tls(address: str) -> Check:
+    return Check(f"vault {address}", Status.FAIL, "TLS: the server does not speak TLS",
+                 "use http:// in [vault] address, or enable TLS on the Vault listener")
+
+
 def ca_unreadable(address: str, ca_file: str, error: str) -> Check:
     return Check(f"vault {address}", Status.FAIL,
                  f"TLS: cannot use the CA file {ca_file}: {error}",

@@ -229,3 +229,38 @@ def test_single_use_secret_id_with_a_non_periodic_token_fails_with_the_fix(
     assert r["status"] == "fail" and "token_period" in r["fix"]
     assert "secret_id" in r["detail"]
     assert rc == 90
+
+
+def test_missing_config_fails_naming_the_file_and_the_machine_is_still_checked(
+        tmp_path: Path) -> None:
+    rc, checks = _doctor(tmp_path / "nope.toml", tmp_path)
+    assert checks["config"]["status"] == "fail"
+    assert str(tmp_path / "nope.toml") in checks["config"]["detail"]
+    assert {"memlock", "cryptsetup", "device-mapper", "unit"} <= set(checks)
+    assert rc == 90
+
+
+def test_a_wrapped_secret_id_is_looked_up_never_unwrapped(
+        vault_env2: VaultEnv, bao: DevBao, tmp_path: Path) -> None:
+    c: hvac.Client = bao.client()
+    res = c.auth.approle.generate_secret_id(f"bootkey-boot-{vault_env2.host_id}", wrap_ttl="1h")
+    wrapped = tmp_path / "secret-id.wrapped"
+    wrapped.write_text(res["wrap_info"]["token"])
+    cfg = tmp_path / "bootkey.toml"
+    cfg.write_text(vault_env2.toml().replace(
+        "[vault.approle]\n", f'[vault.approle]\nwrapped_secret_id_file = "{wrapped}"\n'))
+    _, checks = _doctor(cfg, tmp_path)
+    login = checks["approle login"]
+    assert login["status"] == "warn" and "not tried" in login["detail"]
+    assert "secret-id" in login["detail"]  # the wrapping token's creation path
+    # still there and still unwrappable: the agent's first start can use it
+    assert wrapped.exists()
+    unwrapped = hvac.Client(url=bao.address, token=wrapped.read_text()).sys.unwrap()
+    assert unwrapped["data"]["secret_id"]
+
+
+def test_a_dead_address_next_to_a_live_one_is_a_warning() -> None:
+    live = dc.reachable("https://v1:8200", 200, None)
+    dead = dc.reachable("https://v2:8200", None, "connection failed")
+    assert [c.status for c in dc.failover([live, dead])] == [Status.PASS, Status.WARN]
+    assert [c.status for c in dc.failover([dead])] == [Status.FAIL]
