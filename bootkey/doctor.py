@@ -70,8 +70,7 @@ def check_config(path: str | None) -> tuple[Check, Config | None]:
         cfg = config.load(path)
         host = cfg.resolved_host_id()
     except BootkeyError as e:
-        first = str(e).splitlines()[0]
-        return Check("config", Status.FAIL, first,
+        return Check("config", Status.FAIL, "; ".join(str(e).splitlines()),
                      "fix the field named (docs/configuration.md)"), None
     shown = path or os.environ.get("BOOTKEY_CONFIG") or str(config.DEFAULT_PATH)
     return Check("config", Status.PASS, f"{shown}: valid; host_id {host}"), cfg

@@ -275,3 +275,17 @@ def test_access_that_ends_at_a_known_time_is_a_warning_naming_it() -> None:
     assert "period 1h30m" in dc.token(periodic).detail
     assert dc.relogin(periodic, None, "file x", "2026-12-05T03:00:00+00:00").status \
         is Status.PASS
+
+
+def test_a_missing_ca_file_is_named(tmp_path: Path) -> None:
+    ca = tmp_path / "no-such-ca.pem"
+    check, skew = doctor.probe_vault("https://127.0.0.1:9", ca, 1.0)
+    assert check.status is Status.FAIL and str(ca) in check.detail and skew is None
+
+
+def test_every_config_problem_is_listed(tmp_path: Path) -> None:
+    cfg = tmp_path / "bootkey.toml"
+    cfg.write_text('host_id = "h1"\n[vault]\ntimeout = "soon"\n[unlock]\nparalel = 3\n')
+    check, parsed = doctor.check_config(str(cfg))
+    assert parsed is None and check.status is Status.FAIL
+    assert "vault.timeout" in check.detail and "unlock.paralel" in check.detail
