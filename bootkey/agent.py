@@ -516,6 +516,7 @@ class Agent:
         session = self._session()
 
         def next_at() -> float:
+            session.access()  # after a (re-)login: read the token's facts, warn if access ends
             return time.monotonic() + session.renew_due_in()
 
         due = next_at()
@@ -613,6 +614,9 @@ class Agent:
                     self.record(r)
                 self._unlock(volumes, deadline_at)
                 self._initial_round_done()
+            # the token's facts, after the volumes: a foreseeable loss of access is said at
+            # start, and unlocking paid no request for it
+            self.session.access()
             self._report_ready(self.summary() if self.cfg.unlock.mode == "agent" else
                                "serving keys to systemd-cryptsetup")
             threading.Thread(target=self._renew_loop, daemon=True, name="renewal").start()
