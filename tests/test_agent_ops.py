@@ -28,6 +28,7 @@ from tests.support.notify import NotifyListener
 from tests.support.vaultenv import VaultEnv
 from tests.support.wait import wait_for
 from tests.test_agent import start_agent, stop, two_volumes
+from tests.test_vault_access import let_role_see_its_secret_ids
 
 
 @pytest.fixture
@@ -114,7 +115,10 @@ def test_status_of_a_running_agent_and_of_none(vault_env2: VaultEnv, tmp_path: P
                    for v in snap["volumes"])
         v = snap["vault"]
         assert v["logged_in"] is True and v["address"] == vault_env2.address
-        assert 0 < v["token_ttl"] <= 3600 and v["relogin_possible"] is True
+        # setup-vault's role: a periodic token, a secret_id kept for re-login
+        assert 0 < v["token_ttl"] <= 3600 and v["token_period"] == 3600
+        assert v["secret_id_source"] == "file" and v["warning"] is None
+        assert "relogin_possible" in v and "access_until" in v
         assert snap["hotplug"] == {"enabled": True, "source": "kernel"} or \
             snap["hotplug"]["source"] == "udev"
         assert snap["keysocket"] == {"enabled": False}
@@ -269,3 +273,29 @@ def test_kes_in_status_metrics_watchdog_and_sighup_policy(
         rc, err = stop(proc)
     assert rc == 0, err
     assert "kes: configuration reloaded" in err
+
+
+def test_a_foreseen_loss_of_vault_access_is_in_status_line_status_and_metrics(
+        vault_env2: VaultEnv, bao: DevBao, tmp_path: Path, notify: NotifyListener) -> None:
+    """Single-use secret_id, token not periodic: the agent can see it will lose Vault at
+    the token's max TTL, and says so on STATUS=, in `bootkey status` and as a metric."""
+    root = bao.client()
+    let_role_see_its_secret_ids(root, vault_env2, token_period="0", token_ttl="1h",
+                                token_max_ttl="2h", secret_id_num_uses=1)
+    cfg_file = two_volumes(vault_env2, tmp_path)
+    vault_env2.secret_id_file.write_text(root.auth.approle.generate_secret_id(
+        f"bootkey-boot-{vault_env2.host_id}")["data"]["secret_id"])
+    port = free_port()
+    cfg_file.write_text(cfg_file.read_text() + f'[metrics]\naddress = "127.0.0.1:{port}"\n')
+    proc = start_agent(cfg_file, notify)
+    try:
+        notify.wait_for(lambda m: m == "STATUS=2/2 volumes verified; WARNING: Vault access "
+                        "will end (see `bootkey status`)")
+        v = status_json(cfg_file)["vault"]
+        assert v["relogin_possible"] is False and v["token_period"] is None
+        assert "token_period" in v["warning"]
+        assert f"            WARNING: {v['warning']}" in status(cfg_file).stdout.splitlines()
+        assert sample(scrape(port), "bootkey_vault_access_warning") == 1
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
