@@ -516,7 +516,8 @@ class Agent:
         return text
 
     def _renew_loop(self) -> None:
-        """Renew at 2/3 of the token's TTL, beating while it waits."""
+        """Renew when the session's renewal policy says (renew_due_in), beating while it
+        waits."""
         session = self._session()
 
         def next_at() -> float:
