@@ -51,42 +51,69 @@ def status_json(cfg_file: Path) -> dict[str, Any]:
     return obj
 
 
-def test_watchdog_pings_while_loops_progress_and_stops_when_one_wedges(
-        vault_env2: VaultEnv, tmp_path: Path, notify: NotifyListener) -> None:
-    """WATCHDOG_USEC=1s: a ping every 0.5 s while every loop beats. SIGUSR1 wedges the
-    agent's main thread (tests/support/wedgeable_agent.py); the pings must stop within
-    two intervals, and STATUS= names the loop."""
-    cfg_file = two_volumes(vault_env2, tmp_path)
-    interval = 0.5
-    proc = subprocess.Popen(
+def wedgeable_agent(cfg_file: Path, notify: NotifyListener) -> subprocess.Popen[str]:
+    """The agent with WATCHDOG_USEC=1 s (a ping every 0.5 s while every loop beats), in
+    a process where SIGUSR1/SIGUSR2 wedge a loop (tests/support/wedgeable_agent.py)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "tests.support.wedgeable_agent", "--config", str(cfg_file),
          "agent", "--check"],
         env={**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def pings_stop_when_wedged(proc: subprocess.Popen[str], notify: NotifyListener,
+                           sig: signal.Signals, loop: str) -> None:
+    """Healthy: pings keep coming. Wedged: they stop within two intervals for good,
+    STATUS= names the loop, and the agent is left for systemd to end."""
+    interval = 0.5
+    ready_at = notify.times_of("READY=1")[0]
+    wait_for(lambda: len([t for t in notify.times_of("WATCHDOG=1") if t > ready_at]) >= 6,
+             timeout=30, what="six pings after READY=1")
+    proc.send_signal(sig)
+    wedged_at = time.monotonic()
+    notify.wait_for(lambda m: m.startswith(f"STATUS=watchdog: no progress from {loop} "))
+
+    def last_ping() -> float:
+        return notify.times_of("WATCHDOG=1")[-1]
+
+    # stopped for good: nothing for three intervals (a ping resets the wait)
+    wait_for(lambda: time.monotonic() - last_ping() > 3 * interval, timeout=30,
+             what="the pings to stop")
+    assert last_ping() - wedged_at <= 2 * interval
+    assert proc.poll() is None  # systemd, not the agent, ends it
+
+
+def test_watchdog_pings_while_loops_progress_and_stops_when_main_wedges(
+        vault_env2: VaultEnv, tmp_path: Path, notify: NotifyListener) -> None:
+    cfg_file = two_volumes(vault_env2, tmp_path)
+    proc = wedgeable_agent(cfg_file, notify)
     try:
         notify.wait_for(lambda m: m == "READY=1")
         loops = status_json(cfg_file)["agent"]["watchdog"]["loops"]
         assert {"main", "renewal", "hotplug", "control"} <= set(loops)
-        ready_at = notify.times_of("READY=1")[0]
-        # healthy: pings keep coming, one per interval
-        wait_for(lambda: len([t for t in notify.times_of("WATCHDOG=1") if t > ready_at]) >= 6,
-                 timeout=30, what="six pings after READY=1")
-        proc.send_signal(signal.SIGUSR1)
-        wedged_at = time.monotonic()
-        notify.wait_for(lambda m: m.startswith("STATUS=watchdog: no progress from main"))
-
-        def last_ping() -> float:
-            return notify.times_of("WATCHDOG=1")[-1]
-
-        # stopped for good: nothing for three intervals (a ping resets the wait)
-        wait_for(lambda: time.monotonic() - last_ping() > 3 * interval, timeout=30,
-                 what="the pings to stop")
-        assert last_ping() - wedged_at <= 2 * interval
-        assert proc.poll() is None  # systemd, not the agent, ends it
+        pings_stop_when_wedged(proc, notify, signal.SIGUSR1, "main")
     finally:
         proc.kill()
         _, err = proc.communicate(timeout=20)
     assert "watchdog: no progress from main (silent" in err
+
+
+def test_watchdog_stops_the_pings_when_the_kes_event_loop_wedges(
+        vault_env2: VaultEnv, bao: DevBao, tmp_path: Path, notify: NotifyListener) -> None:
+    ka = kes_agent(vault_env2, bao, tmp_path)
+    cfg_file = tmp_path / "bootkey.toml"
+    cfg_file.write_text(vault_env2.toml(ka.toml()))
+    proc = wedgeable_agent(cfg_file, notify)
+    try:
+        notify.wait_for(lambda m: m == "READY=1")
+        assert "kes" in status_json(cfg_file)["agent"]["watchdog"]["loops"]
+        pings_stop_when_wedged(proc, notify, signal.SIGUSR2, "kes")
+        # the rest of the agent still answers: only the watchdog knows
+        assert status_json(cfg_file)["agent"]["watchdog"]["stale"] == ["kes"]
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=20)
+    assert "watchdog: no progress from kes (silent" in err
 
 
 def test_status_of_a_running_agent_and_of_none(vault_env2: VaultEnv, tmp_path: Path,
