@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bootkey import config as cfgmod
 from bootkey_core.errors import ConfigError
+from bootkey_core.secret import SecretBuffer
 from tests.support.bao import DevBao, free_port
 from tests.support.kes_agent_setup import kes_agent
 from tests.support.luksimg import enroll_direct, make_image
@@ -323,6 +324,42 @@ def test_a_foreseen_loss_of_vault_access_is_in_status_line_status_and_metrics(
         assert "token_period" in v["warning"]
         assert f"            WARNING: {v['warning']}" in status(cfg_file).stdout.splitlines()
         assert sample(scrape(port), "bootkey_vault_access_warning") == 1
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
+
+
+def test_sighup_in_socket_mode_serves_a_new_volume_and_links_it(
+        vault_env2: VaultEnv, tmp_path: Path, notify: NotifyListener) -> None:
+    """mode = "socket": a volume added to `[[volume]]` gets its
+    /run/cryptsetup-keys.d link and its key on the socket after SIGHUP, no restart."""
+    from tests.test_keysocket import systemd_client
+
+    cfg = vault_env2.config()
+    enroll_direct(cfg, vault_env2.enroll_token, make_image(tmp_path / "data.img"), name="data")
+    later = tmp_path / "later"
+    later.mkdir()
+    key = os.urandom(64)
+    enroll_direct(cfg, vault_env2.enroll_token, make_image(later / "new.img"), name="new",
+                  key=SecretBuffer.from_bytes(bytearray(key)))
+    sock = tmp_path / "run" / "cryptsetup.sock"
+    keys_dir = tmp_path / "cryptsetup-keys.d"
+    keys_dir.mkdir()
+    cfg_file = tmp_path / "bootkey.toml"
+    text = vault_env2.toml(f'[keysocket]\npath = "{sock}"\ntimeout = "10s"\n'
+                           f'keys_dir = "{keys_dir}"\n').replace(
+        "[unlock]\n", f'[unlock]\nmode = "socket"\nsearch = ["{tmp_path}/*.img"]\n')
+    cfg_file.write_text(text)
+    proc = start_agent(cfg_file, notify)
+    try:
+        notify.wait_for(lambda m: m == "READY=1")
+        assert sorted(p.name for p in keys_dir.iterdir()) == ["data.key"]
+        assert systemd_client(sock, "added") == b""  # not managed yet: declined
+        cfg_file.write_text(text + f'[[volume]]\nname = "added"\ndevice = "{later}/new.img"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for((keys_dir / "added.key").is_symlink, what="the new key link")
+        assert systemd_client(keys_dir / "added.key", "added") == key
+        assert proc.poll() is None
     finally:
         rc, err = stop(proc)
     assert rc == 0, err
