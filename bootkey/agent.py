@@ -509,10 +509,15 @@ class Agent:
         failed = [r for r in self.results.values() if not r.ok]
         if failed:
             text += "; failed: " + ", ".join(r.name for r in failed)
+        outlook = self.session.access() if self.session is not None else None
+        if outlook is not None and outlook.warning:
+            # the journal has the whole warning and its fix; STATUS= stays one short line
+            text += "; WARNING: Vault access will end (see `bootkey status`)"
         return text
 
     def _renew_loop(self) -> None:
-        """Renew at 2/3 of the token's TTL, beating while it waits."""
+        """Renew when the session's renewal policy says (renew_due_in), beating while it
+        waits."""
         session = self._session()
 
         def next_at() -> float:
@@ -600,8 +605,7 @@ class Agent:
                                                     sleep=self._sleep)
             if self.cfg.metrics.address is not None:
                 self.metrics = AgentMetrics()
-                self.metrics.watch_session(self.session.http_sessions(),
-                                           self.session.token_ttl)
+                self.metrics.watch_session(self.session)
                 metrics_server = self.metrics.serve(self.cfg.metrics.address)
             self._start_control()
             self._start(self.early_components)
