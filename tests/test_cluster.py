@@ -84,11 +84,11 @@ ALL = sorted(f"vol{i:02d}" for i in range(VOLUMES))
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RaftCluster]:
-    c = RaftCluster(tmp_path_factory.mktemp("raft")).start()
+    c = RaftCluster(tmp_path_factory.mktemp("raft"))
     try:
-        yield c
+        yield c.start()
     finally:
-        c.close()
+        c.close()  # also the nodes of a start that failed half-way
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,7 @@ def test_unlock_check_through_a_standby(fleet: Fleet, healthy: RaftCluster,
     addresses = standby_first(healthy)
     first = next(n for n in healthy.nodes if n.address == addresses[0])
     assert healthy.leader_address(first) != first.address  # a standby indeed
+    assert healthy.ha_status() == {a: a == addresses[-1] for a in addresses}
     res = bootkey(fleet.config_file(tmp_path, addresses), "unlock", "--all", "--check",
                   "--json")
     assert (res.returncode, verified(res)) == (0, ALL), res.stderr
