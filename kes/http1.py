@@ -1,4 +1,5 @@
-"""HTTP/1.1 request framing and response heads for the KES server, without I/O.
+"""HTTP/1.1 request framing and response heads for the KES server, without I/O (its
+HTTP/2 counterpart is kes/http2.py; which one a connection uses is decided by ALPN).
 
 `RequestParser.feed(bytes)` returns the events the bytes completed: whole requests
 (pipelined ones in order), a `100 Continue` to send, or a terminal `BadRequest`.

@@ -1,10 +1,12 @@
-"""The seam between the KES transport (kes/server.py: TLS, HTTP/1.1 framing, timeouts)
-and the KES API (kes/api.py: routing, auth, handlers). Plain values, no I/O.
+"""The seam between the KES transport and the KES API: plain values, no I/O.
 
-The server builds a `Request` once the whole body has arrived (chunked or not) and awaits
-the handler; the handler returns a `Response`. A streaming response (the log routes)
-sets `stream` and is sent with chunked transfer encoding until the iterator ends or the
-client goes away.
+The transport (kes/server.py with its framings kes/http1.py and kes/http2.py) builds a
+`Request` once the whole body has arrived (HTTP/1.1 chunked or not, or an HTTP/2 stream's
+DATA frames) and awaits the handler (kes/api.py: routing, auth, handlers); the handler
+returns a `Response`. Neither side knows the other's protocol: a `Request` looks the same
+whichever HTTP version carried it. A streaming response (the log routes) sets `stream` and
+goes out as chunks (HTTP/1.1) or DATA frames (h2) until the iterator ends or the client
+goes away. The header mapping and path decoding both framings share live here too.
 """
 
 from __future__ import annotations

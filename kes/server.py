@@ -1,10 +1,18 @@
-"""The KES transport: mTLS + HTTP/1.1 on asyncio, TLS through OpenSSL memory BIOs.
+"""The KES transport: mTLS + HTTP/1.1 or HTTP/2 on asyncio, TLS through OpenSSL memory BIOs.
+
+The modules, by job: kes/tls_context.py builds the server's TLS context (settings, ALPN);
+kes/tls_session.py is one connection's TLS session; kes/http1.py and kes/http2.py turn
+plaintext into `kes.messages.Request`s and `Response`s back into bytes, without I/O;
+this module moves bytes between socket, TLS and framing, runs the handlers and keeps the
+timeouts; kes/workers.py forks and supervises SO_REUSEPORT worker processes.
 
 One `_Connection` (an `asyncio.Protocol`) per client owns a `kes.tls_session.Session`:
 ciphertext from the socket is written into OpenSSL, plaintext read out of it is fed to
 the sans-I/O `kes.http1.RequestParser`, and every time OpenSSL is called its outgoing
 BIO is drained to the socket (KES-TLS-STACKS.md pitfall 1: a missed flush hangs a
-handshake or swallows an alert). The identity is computed once, at the handshake.
+handshake or swallows an alert). The identity is computed once, at the handshake. When
+ALPN chose `h2`, the `_Connection` hands socket and session to an `_H2Connection`, which
+serves the multiplexed streams through kes/http2.py.
 
 Handlers run eagerly: the handler coroutine's first step runs inside `data_received`,
 and one that finishes without suspending (the usual cached-key generate/decrypt) is
@@ -649,6 +657,9 @@ class _H2Connection(_TLSConnection):
         self._on_peer_closed()
         return True
 
+    # A client that does not read its answers has at most MAX_CONCURRENT_STREAMS of them
+    # waiting (it may open no more streams until it has seen their ends), so only the
+    # streamed responses need to wait for the socket.
     def pause_writing(self) -> None:
         self._write_paused = True
 

@@ -1,4 +1,6 @@
-"""The KES server's TLS settings and the pyOpenSSL context built from them.
+"""The KES server's TLS settings and the pyOpenSSL context built from them: what is
+configured once per server (certificate, client-certificate mode, session tickets, ALPN
+`h2`/`http/1.1`). One connection's TLS session over that context is kes/tls_session.py.
 
 Why pyOpenSSL and not the stdlib `ssl`: KES's default client-auth mode is Go's
 `RequireAnyClientCert` — a client certificate must be presented (and its key proven by

@@ -11,13 +11,17 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 
-from kes.messages import Request, Response
+from kes.identity import of_certificate
+from kes.messages import MAX_BODY, Request, Response
+from kes.server import ServerThread
 from kes.tls_context import TLSConfig
 from tests.support.certs import Issued, make_ca, make_leaf
 from tests.support.wait import wait_for
@@ -380,3 +384,53 @@ def call(proto: str, port: int, ctx: ssl.SSLContext, method: str, path: str, *,
         return Reader(sock).response()
     finally:
         sock.close()
+
+
+# The API over the wire ------------------------------------------------------------------
+
+
+class WireApi:
+    """A `kes.api.Api` behind a real `ServerThread`, called like the Api itself: each
+    `await wire(request)` travels over TLS as HTTP/1.1 or HTTP/2 (`proto`) on a fresh
+    connection, and the answer comes back as a `Response`. Test identities (hex strings
+    that no certificate has) are played by one client certificate each, which the server
+    side maps back, so the API sees the identity the test names; `None` is a certificate
+    the server maps to "no identity". Attributes are the Api's (metrics, hubs, keyring)."""
+
+    def __init__(self, api: Any, proto: str, pki: Pki, identities: list[str | None]) -> None:
+        self._api = api
+        self._proto = proto
+        self._ctx: dict[str | None, ssl.SSLContext] = {}
+        self._as: dict[str | None, str | None] = {}
+        for i, ident in enumerate(identities):
+            cert = make_leaf(None, f"id{i}", kind="ed25519", client=True)
+            self._ctx[ident] = pki.client_context(cert, f"id{i}")
+            self._as[of_certificate(cert.cert)] = ident
+        self._thread = ServerThread(self._handler, pki.tls())
+
+    def __enter__(self) -> WireApi:
+        self._thread.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.__exit__(None, None, None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._api, name)
+
+    async def _handler(self, request: Request) -> Response:
+        request.identity = self._as[request.identity]
+        response: Response = await self._api(request)
+        return response
+
+    async def __call__(self, request: Request) -> Response:
+        # The path goes out percent-encoded, as Go's client sends it (url.EscapedPath).
+        body = request.body
+        if request.body_too_large:
+            body += b" " * (MAX_BODY + 1 - len(body))
+        reply = await asyncio.to_thread(
+            call, self._proto, self._thread.port, self._ctx[request.identity],
+            request.method, quote(request.path, safe="/:@!$&'()*+,;=-._~"), body=body)
+        transport = {"date", "content-length", "content-type", "connection"}
+        headers = tuple((n.title(), v) for n, v in reply.headers.items() if n not in transport)
+        return Response(reply.status, reply.body, reply.headers.get("content-type"), headers)

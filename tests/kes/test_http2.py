@@ -18,6 +18,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import hpack
 import pytest
 
 from kes import http2
@@ -472,3 +473,29 @@ def test_streams_opened_after_a_graceful_goaway_are_refused_earlier_ones_answere
     assert [(r.stream_id, r.error_code) for r in resets] == [
         (late, h2.errors.ErrorCodes.REFUSED_STREAM)]
     assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == first for e in events)
+
+
+def test_client_opening_more_streams_than_allowed_is_cut(pki: Pki,
+                                                         client_ctx: ssl.SSLContext) -> None:
+    """The stream limit is what bounds the answers one client can leave unread: a client
+    that opens more streams than SETTINGS allow gets GOAWAY(PROTOCOL_ERROR)."""
+    release = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        await release.wait()
+        return Response(200, b"{}")
+
+    with ServerThread(handler, pki.tls()) as st:
+        c = H2Client(st.port, client_ctx)
+        encoder = hpack.Encoder()
+        block = encoder.encode([(":method", "GET"), (":path", "/v1/key/list/"),
+                                (":scheme", "https"), (":authority", "127.0.0.1")])
+        head = len(block).to_bytes(3, "big") + b"\x01\x05"  # HEADERS, END_STREAM|END_HEADERS
+        # Frames h2's client state would refuse: one stream more than the limit.
+        frames = [head + sid.to_bytes(4, "big") + block
+                  for sid in range(1, 2 * (http2.MAX_CONCURRENT_STREAMS + 1), 2)]
+        c.sock.sendall(b"".join(frames))
+        assert c.wait_goaway().error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        assert st.loop is not None
+        st.loop.call_soon_threadsafe(release.set)
+        c.close()

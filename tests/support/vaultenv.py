@@ -11,6 +11,7 @@ import hvac
 
 from bootkey import config as cfgmod
 from bootkey import setup_vault
+from tests.support.scan import register_secret
 
 
 def new_host_id() -> str:
@@ -56,6 +57,7 @@ def provision(root: hvac.Client, workdir: Path, *, kv_version: int = 2,
     want = setup_vault.Want(vcfg, host_id, secret_id=setup_vault.PlainFile(sid))
     setup_vault.execute(root, setup_vault.plan(setup_vault.observe(root, want), want),
                         lambda _: None)
+    register_secret(sid.read_bytes().strip(), f"secret_id of host {host_id}")
     role_id = setup_vault.read_role_id(root, want)
     assert role_id
     token = setup_vault.issue_enroll_token(root, vcfg, host_id)
