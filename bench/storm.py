@@ -294,10 +294,9 @@ def _key_test_ok(dev: str, key: SecretBuffer | bytes, keyslot: int | None = None
     return luks.KeyTest.OK
 
 
-def _no_jitter(multiplier: float = 1, max: float = 0) -> Any:  # tenacity's parameter names
-    from tenacity import wait_exponential
-
-    return wait_exponential(multiplier=multiplier, max=max)
+def _no_jitter(self: Any, attempt: int) -> float:
+    """bootkey_core.vault.Backoff.delay without the randomness."""
+    return float(min(self.cap, self.initial * 2.0 ** min(attempt - 1, 60)))
 
 
 def boot_host(spec: HostSpec, start_at: float) -> HostResult:
@@ -333,12 +332,13 @@ def worker(specs: list[dict[str, Any]], jitter: bool,
            conn: multiprocessing.connection.Connection) -> None:
     """A worker process: its hosts as threads, all released at the instant the driver
     sends once every worker has said it is ready."""
-    from bootkey import luks, vault
+    from bootkey import luks
+    from bootkey_core import vault
 
     luks.test_key = _key_test_ok  # the keyslot test is per host, not Vault's load
     if not jitter:
         # the comparison run: same initial wait and cap, no randomness
-        vault.wait_random_exponential = _no_jitter  # type: ignore[attr-defined,assignment]
+        vault.Backoff.delay = _no_jitter  # type: ignore[method-assign]
     hosts = [HostSpec(**s) for s in specs]
     threading.stack_size(1 << 20)
     conn.send("ready")
