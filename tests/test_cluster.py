@@ -305,10 +305,6 @@ def test_kes_through_a_standby(fleet: Fleet, healthy: RaftCluster, kes_policy: s
         stop_kes_agent(kes)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KES's keystore talks to the session's preferred address only (raw_client), without "
-    "fail-over: with that node dead, `create` answers 502 until the keystore goes through "
-    "bootkey's one Vault session (in progress by another engineer)"))
 def test_kes_rides_through_a_leader_change(fleet: Fleet, healthy: RaftCluster,
                                            kes_policy: str, tmp_path: Path) -> None:
     """The node the agent talks to dies: the first KES call after the election succeeds,
