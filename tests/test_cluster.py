@@ -238,12 +238,16 @@ def short_token_ttl(fleet: Fleet, healthy: RaftCluster) -> Iterator[str]:
     the 5 s left before expiry outlast an election (~4 s here)."""
     role = boot_role(fleet)
     root = healthy.root()
-    root.auth.approle.create_or_update_approle(role, token_ttl="15s", token_max_ttl="1h")
+    old = {k: root.auth.approle.read_role(role)["data"][k]
+           for k in ("token_period", "token_ttl", "token_max_ttl")}
+    # token_period=0: setup-vault's roles are periodic (1 h), which would put the renewal
+    # 40 minutes away
+    root.auth.approle.create_or_update_approle(role, token_period="0", token_ttl="15s",
+                                               token_max_ttl="1h")
     try:
         yield role
     finally:
-        healthy.root().auth.approle.create_or_update_approle(role, token_ttl="1h",
-                                                             token_max_ttl="24h")
+        healthy.root().auth.approle.create_or_update_approle(role, **old)
 
 
 def test_agent_renews_its_token_through_a_leader_change(
