@@ -21,6 +21,7 @@ from bootkey_core.errors import BootkeyError
 _COMMAND_MODULES = (
     "unlock",
     "agent",
+    "status",
     "enroll",
     "policy",
     "crypttab",
@@ -36,6 +37,7 @@ examples:
   bootkey unlock --all --check        verify every volume's Vault key, open nothing
   bootkey unlock --all                open every configured or enrolled volume
   bootkey policy                      print the Vault policy a booting host needs
+  bootkey status                      what the running agent is doing
 
 configuration: /etc/bootkey/bootkey.toml (--config or $BOOTKEY_CONFIG); see docs/.
 """

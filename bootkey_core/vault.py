@@ -812,6 +812,10 @@ class VaultSession:
             raise VaultBadAnswer(f"{api}: answer has no ciphertext")
         return ct
 
+    def http_sessions(self) -> list[requests.Session]:
+        """Each address's HTTP session, for response hooks (the agent's metrics)."""
+        return [c.session for c in self._clients]
+
     def raw_client(self) -> hvac.Client:
         """A new hvac client on the preferred address with the session's token (a sharp
         tool: no retries, no re-login; it shares the connection pool)."""
