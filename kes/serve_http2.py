@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -132,15 +133,16 @@ class HTTP2Connection(TLSConnection):
         server = self._server
         if self._tasks or self._h2.blocked:
             self.deadline = None
-        elif self._h2.receiving:
-            self.deadline = self._loop.time() + server.body_timeout
+        elif (since := self._h2.receiving_since) is not None:
+            waited = (time.monotonic_ns() - since) / 1e9
+            self.deadline = self._loop.time() + server.body_timeout - waited
         else:
             self.deadline = self._loop.time() + server.idle_timeout
 
     def check_deadline(self, now: float) -> None:
         if self.deadline is None or now < self.deadline or self._closed:
             return
-        if self._h2.receiving:
+        if self._h2.receiving_since is not None:
             log.debug("kes: HTTP/2 body timeout from %s", self.remote)
         self._h2.goaway()
         self._close()

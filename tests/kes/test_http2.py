@@ -380,6 +380,23 @@ def test_stalled_body_is_cut_after_the_body_timeout(pki: Pki,
         c.close()
 
 
+def test_body_dripped_in_does_not_outlast_the_body_timeout(pki: Pki,
+                                                          client_ctx: ssl.SSLContext) -> None:
+    with ServerThread(Recorder(), pki.tls(), body_timeout=0.5) as st:
+        c = H2Client(st.port, client_ctx)
+        sid = c.send("POST", "/v1/key/import/k", b"{", end=False)
+        c.sock.settimeout(0.1)
+        with contextlib.suppress(OSError):  # the server cuts us off while we drip
+            for _ in range(100):  # a byte every 0.1 s for up to 10 s
+                c.send_body(sid, b" ", end=False)
+                with contextlib.suppress(TimeoutError):
+                    c.pump()
+                if c.goaway is not None or c.closed:
+                    break
+        assert c.goaway is not None or c.closed
+        c.close()
+
+
 def test_plain_socket_without_alpn_still_speaks_http11(server: ServerThread,
                                                        client_ctx: ssl.SSLContext) -> None:
     with connect(server.port, client_ctx) as s:
