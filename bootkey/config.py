@@ -11,6 +11,7 @@ naming the file, the field and the fix. Modules get their own section (`cfg.unlo
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -106,12 +107,46 @@ class KeysocketConfig(Model):
     keys_dir: Path = Path("/run/cryptsetup-keys.d")
 
 
+class ControlConfig(Model):
+    path: Path = Path("/run/bootkey/control.sock")  # `bootkey status` asks the agent here
+
+
+class MetricsConfig(Model):
+    # Prometheus text at http://<address>/metrics, without TLS or auth: localhost only.
+    address: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _localhost(cls, v: str | None) -> str | None:
+        if v is not None:
+            loopback_port(v)
+        return v
+
+
+def loopback_port(address: str) -> tuple[str, int]:
+    """`127.0.0.1:9273` → ("127.0.0.1", 9273); ValueError unless host is a loopback one."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"{address!r} is not host:port — use e.g. \"127.0.0.1:9273\"")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{host} is not a localhost address — metrics have no TLS or auth, "
+                         "so bootkey serves them on 127.0.0.1, ::1 or localhost only")
+    return host, int(port)
+
+
 class Config(Model):
     host_id: str | None = None
     vault: VaultConfig = VaultConfig()
     unlock: UnlockConfig = UnlockConfig()
     volume: list[VolumeConfig] = Field(default_factory=list)
     keysocket: KeysocketConfig = KeysocketConfig()
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
     kes: KesConfig = KesConfig()
 
     @field_validator("host_id")

@@ -30,7 +30,7 @@ from bootkey import _proc, config, crypttab, keystore, unlock
 from bootkey import doctor_checks as dc
 from bootkey.config import AppRoleConfig, Config
 from bootkey.doctor_checks import Check, Status
-from bootkey.vault import VaultSession
+from bootkey.vault import AccessOutlook, VaultSession
 from bootkey_core.errors import BootkeyError
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def check_config(path: str | None) -> tuple[Check, Config | None]:
         cfg = config.load(path)
         host = cfg.resolved_host_id()
     except BootkeyError as e:
-        first = str(e).splitlines()[0]
-        return Check("config", Status.FAIL, first,
+        return Check("config", Status.FAIL, "; ".join(str(e).splitlines()),
                      "fix the field named (docs/configuration.md)"), None
     shown = path or os.environ.get("BOOTKEY_CONFIG") or str(config.DEFAULT_PATH)
     return Check("config", Status.PASS, f"{shown}: valid; host_id {host}"), cfg
@@ -87,6 +86,8 @@ def probe_vault(address: str, ca_file: Path | None, timeout: float,
     try:
         res = requests.get(f"{address}/v1/sys/health", timeout=timeout, verify=verify)
     except requests.exceptions.SSLError as e:
+        if "WRONG_VERSION_NUMBER" in str(e):
+            return dc.not_tls(address), None
         return dc.tls_failed(address, str(ca_file) if ca_file else None, _tls_reason(e)), None
     except (requests.ConnectionError, requests.Timeout) as e:
         kind = "timed out" if isinstance(e, requests.Timeout) else "connection failed"
@@ -105,7 +106,9 @@ def probe_vault(address: str, ca_file: Path | None, timeout: float,
 
 def _tls_reason(e: Exception) -> str:
     m = re.search(r"certificate verify failed: ([^(')\"]+)", str(e))
-    return m.group(1).strip() if m else "TLS handshake failed"
+    if m:
+        return m.group(1).strip()
+    return "TLS handshake failed"
 
 
 # ---- Vault: login, token, re-login, capabilities ----------------------------------------------
@@ -166,8 +169,10 @@ def check_wrapped(cfg: Config, path: Path) -> Check:
 
 def _client(cfg: Config) -> hvac.Client:
     v = cfg.vault
-    return hvac.Client(url=v.address[0], timeout=v.timeout, namespace=v.namespace or None,
-                       verify=str(v.ca_file) if v.ca_file else True)
+    c = hvac.Client(url=v.address[0], timeout=v.timeout, namespace=v.namespace or None,
+                    verify=str(v.ca_file) if v.ca_file else True)
+    c.token = None  # hvac would pick up $VAULT_TOKEN or ~/.vault-token: not ours to send
+    return c
 
 
 def _session(cfg: Config) -> VaultSession:
@@ -197,18 +202,28 @@ def check_access(cfg: Config, host_id: str, volumes: Sequence[unlock.Volume]) ->
     client = session.raw_client()
     first = client.token
     try:
-        facts = dc.token_facts(client.auth.token.lookup_self()["data"])
+        # the session's own access outlook: what the agent would see after this login
+        o = session.access()
+        facts = _facts(o) if o else dc.token_facts(client.auth.token.lookup_self()["data"])
         out.append(dc.token(facts))
         out += dc.capabilities(*_capabilities(client, cfg, host_id, volumes))
         second: str | None = None
         try:
-            session.login()
+            session.login()  # the agent's re-login: with the secret_id it holds
         except BootkeyError as e:
             second = str(e).split(" — ")[0]
-        out.append(dc.relogin(facts, second, source))
+        until = o.access_until.isoformat(timespec="seconds") if o and o.access_until else None
+        out.append(dc.relogin(facts, second, source, until))
     finally:
         _revoke(session, first)
     return out
+
+
+def _facts(o: AccessOutlook) -> dc.TokenFacts:
+    # token_ttl None: the token never expires
+    return dc.TokenFacts(ttl=o.token_ttl if o.token_ttl is not None else float("inf"),
+                         period=o.token_period or 0.0, explicit_max_ttl=0.0,
+                         renewable=o.token_renewable)
 
 
 def _capabilities(client: hvac.Client, cfg: Config, host_id: str,
@@ -331,11 +346,14 @@ def run_checks(config_path: str | None, where: Where = Where()) -> list[Check]:
                       "fix [[volume]] device = in the config") for f in failed]
         probes = [probe_vault(a, cfg.vault.ca_file, cfg.vault.timeout)
                   for a in cfg.vault.address]
-        out += [c for c, _ in probes]
+        out += dc.failover([c for c, _ in probes])
         skews = [s for c, s in probes if c.status is Status.PASS]
         if skews:
             out.append(dc.clock_skew(skews[0]))
             out += check_access(cfg, host, volumes)
+        else:
+            out.append(Check("approle login", Status.WARN,
+                             "not tried: no Vault address answered", "fix the Vault checks above"))
     unit = unit_facts(where)
     out.append(dc.memlock(_memlock_kib(), _mlockall_error(), unit.limit_memlock))
     out.append(dc.unit_memlock(unit.installed, unit.limit_memlock))

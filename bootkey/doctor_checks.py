@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from bootkey import crypttab
+from bootkey_core.duration import format_duration as dur
 
 
 class Status(Enum):
@@ -35,17 +36,6 @@ class Check:
     def as_json(self) -> dict[str, str]:
         return {"name": self.name, "status": self.status.value, "detail": self.detail,
                 "fix": self.fix}
-
-
-def _dur(seconds: float) -> str:
-    s = int(seconds)
-    if s >= 86400 and s % 3600 == 0:
-        return f"{s // 86400}d{(s % 86400) // 3600}h".removesuffix("0h")
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m".removesuffix("0m")
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s".removesuffix("0s")
-    return f"{s}s"
 
 
 # ---- Vault ----------------------------------------------------------------------------
@@ -82,6 +72,21 @@ def tls_failed(address: str, ca_file: str | None, error: str) -> Check:
                  f"TLS: the server's certificate does not verify against the system trust "
                  f"store ({error})",
                  "set [vault] ca_file to the CA that issued Vault's certificate")
+
+
+def failover(checks: Sequence[Check]) -> list[Check]:
+    """Per-address verdicts for a Vault with several addresses: while one answers,
+    bootkey fails over to it, so the others' failures are warnings."""
+    if not any(c.status is Status.PASS for c in checks):
+        return list(checks)
+    return [Check(c.name, Status.WARN, f"{c.detail} (another address answers: fail-over "
+                  "has one server less)", c.fix) if c.status is Status.FAIL else c
+            for c in checks]
+
+
+def not_tls(address: str) -> Check:
+    return Check(f"vault {address}", Status.FAIL, "TLS: the server does not speak TLS",
+                 "use http:// in [vault] address, or enable TLS on the Vault listener")
 
 
 def ca_unreadable(address: str, ca_file: str, error: str) -> Check:
@@ -133,33 +138,43 @@ FIX_REUSABLE = ("issue a reusable secret_id (`bootkey setup-vault --new-secret-i
 
 
 def token(t: TokenFacts) -> Check:
+    if t.ttl == float("inf"):
+        return Check("token", Status.PASS, "never expires")
     if t.period > 0 and t.renewable:
         return Check("token", Status.PASS,
-                     f"periodic (period {_dur(t.period)}, ttl {_dur(t.ttl)}): renews for ever")
+                     f"periodic (period {dur(t.period)}, ttl {dur(t.ttl)}): renews for ever")
     if t.renewable:
-        limit = f"max TTL {_dur(t.explicit_max_ttl)}" if t.explicit_max_ttl else \
+        limit = f"max TTL {dur(t.explicit_max_ttl)}" if t.explicit_max_ttl else \
             "the mount's max TTL"
         return Check("token", Status.WARN,
-                     f"renewable, not periodic (ttl {_dur(t.ttl)}, {limit}): the agent must "
+                     f"renewable, not periodic (ttl {dur(t.ttl)}, {limit}): the agent must "
                      "log in again when renewal stops", FIX_PERIODIC)
     return Check("token", Status.WARN,
-                 f"not renewable (ttl {_dur(t.ttl)}): the agent must log in again every "
-                 f"{_dur(t.ttl)}", FIX_PERIODIC)
+                 f"not renewable (ttl {dur(t.ttl)}): the agent must log in again every "
+                 f"{dur(t.ttl)}", FIX_PERIODIC)
 
 
-def relogin(t: TokenFacts, second_login: str | None, source: str) -> Check:
+def relogin(t: TokenFacts, second_login: str | None, source: str,
+            access_until: str | None = None) -> Check:
     """`second_login` is None when a second AppRole login with the same secret_id worked,
-    else why it failed."""
+    else why it failed. `access_until`: when logging in again stops working (the
+    secret_id expires), if the session foresaw it."""
+    periodic = t.period > 0 and t.renewable
     if second_login is None:
+        if access_until and not periodic:
+            return Check("re-login", Status.WARN,
+                         f"a second login worked, but logging in again stops at {access_until} "
+                         "(the secret_id expires) and the token is not periodic",
+                         f"{FIX_PERIODIC}; or a longer secret_id_ttl")
         return Check("re-login", Status.PASS,
                      f"a second login with the same secret_id ({source}) worked")
-    if t.period > 0 and t.renewable:
+    if periodic:
         return Check("re-login", Status.WARN,
                      f"a second login failed ({second_login}): the periodic token renews for "
                      "ever, but a restarted agent cannot log in", FIX_REUSABLE)
     return Check("re-login", Status.FAIL,
                  f"a second login failed ({second_login}) and the token is not periodic: "
-                 f"the agent loses Vault when the token expires (ttl {_dur(t.ttl)})",
+                 f"the agent loses Vault when the token expires (ttl {dur(t.ttl)})",
                  f"{FIX_PERIODIC}; or {FIX_REUSABLE}")
 
 

@@ -25,13 +25,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootkey import askpassword, unlock
 from bootkey import config as config_mod
-from bootkey import unlock
 from bootkey.config import Config, KeysocketConfig
 from bootkey.keysocket import KeySocketServer
 from bootkey.unlock import Volume
 from bootkey.vault import VaultSession
-from bootkey_core.errors import BootkeyError
+from bootkey_core.errors import BootkeyError, DeadlineExceeded
 from bootkey_core.secret import SecretBuffer
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,25 @@ def runtime_files(config_path: Path) -> list[str]:
 
 
 class InitrdKeys:
-    """The key provider: one Vault session, logged in on the first request."""
+    """The key provider: one Vault session, logged in on the first request. While it
+    waits for Vault it also asks on the console (systemd's password agents), and
+    whichever answers first is sent: a passphrase typed at once is never held up."""
 
-    def __init__(self, cfg: Config, session: VaultSession) -> None:
+    def __init__(self, cfg: Config, ask_dir: Path = askpassword.ASK_DIR) -> None:
         self.cfg = cfg
-        self.session = session
+        self.ask_dir = ask_dir
+        self._closing = threading.Event()
+        self.session = VaultSession.from_config(cfg, sleep=self._sleep)
         self._lock = threading.Lock()
         self._volumes: dict[str, Volume] = {}
+
+    def _sleep(self, seconds: float) -> None:
+        # Vault retries end when the initrd service stops, not at their deadline.
+        if self._closing.wait(seconds):
+            raise DeadlineExceeded("the initrd key service is stopping")
+
+    def close(self) -> None:
+        self._closing.set()
 
     def _volume(self, name: str) -> Volume | None:
         with self._lock:
@@ -163,30 +175,82 @@ class InitrdKeys:
     def is_managed(self, name: str) -> bool:
         return self._volume(name) is not None
 
-    def key_for(self, volume: str, deadline: float) -> SecretBuffer | None:
-        vol = self._volume(volume)
-        if vol is None:
-            return None
+    def vault_key(self, vol: Volume, deadline: float) -> SecretBuffer | None:
         try:
             with self._lock:
                 if not self.session.logged_in:
                     self.session.login(max(0.0, deadline - time.monotonic()))
             return unlock.key_for_volume(self.session, vol, deadline)
         except BootkeyError as e:
+            if self._closing.is_set():
+                return None
             # stderr goes to the console too (StandardError=journal+console): the operator
             # at the prompt reads why nobody typed for them.
-            print(f"bootkey: volume {volume}: no key from Vault: {e} — type the passphrase "
-                  "at the prompt", file=sys.stderr, flush=True)
+            print(f"bootkey: volume {vol.name}: no key from Vault: {e} — type the "
+                  "passphrase at the prompt", file=sys.stderr, flush=True)
             return None
 
+    def key_for(self, volume: str, deadline: float) -> SecretBuffer | None:
+        vol = self._volume(volume)
+        if vol is None:
+            return None
+        race = _Race()
+        threading.Thread(target=lambda: race.offer_vault(self.vault_key(vol, deadline)),
+                         name=f"vault-{volume}", daemon=True).start()
+        typed: SecretBuffer | None = None
+        try:
+            with askpassword.PassphrasePrompt(
+                    f"Please enter passphrase for disk {volume} (bootkey is asking Vault):",
+                    f"cryptsetup:{vol.device}", self.ask_dir) as prompt:
+                typed = prompt.wait(deadline, race.vault_done)
+        except OSError as e:
+            log.warning("volume %s: no console prompt while waiting for Vault: %s", volume, e)
+        if typed is None:  # cancelled at the console, or no prompt: Vault alone now
+            race.vault_done.wait(max(0.0, deadline - time.monotonic()))
+        vault = race.close()
+        if typed is not None:
+            if vault is not None:
+                vault.close()
+            log.info("volume %s: sending the passphrase typed at the console", volume)
+            return typed
+        return vault
 
-def serve(cfg: Config, stop: threading.Event) -> int:
-    session = VaultSession.from_config(cfg)
-    keys = InitrdKeys(cfg, session)
+
+class _Race:
+    """The Vault fetch's result, handed over once; a key that arrives after the decision
+    is wiped at once."""
+
+    def __init__(self) -> None:
+        self.vault_done = threading.Event()
+        self._lock = threading.Lock()
+        self._key: SecretBuffer | None = None
+        self._closed = False
+
+    def offer_vault(self, key: SecretBuffer | None) -> None:
+        with self._lock:
+            if self._closed:
+                if key is not None:
+                    key.close()
+                return
+            self._key = key
+        self.vault_done.set()
+
+    def close(self) -> SecretBuffer | None:
+        with self._lock:
+            self._closed = True
+            key, self._key = self._key, None
+            return key
+
+
+def serve(cfg: Config, stop: threading.Event, ask_dir: Path = askpassword.ASK_DIR) -> int:
+    keys = InitrdKeys(cfg, ask_dir)
     sock_cfg = KeysocketConfig(path=SOCKET_PATH, timeout=cfg.keysocket.timeout)
-    with KeySocketServer(sock_cfg, keys.key_for, keys.is_managed):
-        log.info("initrd: serving keys on %s", SOCKET_PATH)
-        stop.wait()
+    try:
+        with KeySocketServer(sock_cfg, keys.key_for, keys.is_managed):
+            log.info("initrd: serving keys on %s", SOCKET_PATH)
+            stop.wait()
+    finally:
+        keys.close()
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import stat
 import struct
@@ -35,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from bootkey._wakeup import stop_thread
+from bootkey._wakeup import Woken, accept_or_wake, stop_thread
 from bootkey.config import KeysocketConfig
 from bootkey.keysocket_protocol import Decision, Decline, PeerCred, decide, parse_peer_address
 from bootkey_core.errors import ConfigError
@@ -106,20 +105,21 @@ def systemd_fds() -> dict[int, str]:
     return fds
 
 
-def _bind_path(path: Path) -> socket.socket:
-    """Listen on `path`: directory 0700 root, socket 0600, a stale socket replaced."""
+def bind_private_socket(path: Path, setting: str = "keysocket.path") -> socket.socket:
+    """Listen on `path`: directory 0700 root, socket 0600, a stale socket replaced.
+    `setting` names the config field in errors (the control socket uses this too)."""
     parent = path.parent
     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = parent.stat()
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise ConfigError(
-            f"keysocket.path: {parent} is not private (owner uid {st.st_uid}, mode "
+            f"{setting}: {parent} is not private (owner uid {st.st_uid}, mode "
             f"{stat.S_IMODE(st.st_mode):04o}) — make it 0700 and owned by the agent's user"
         )
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(
-                f"keysocket.path: {path} exists and is not a socket — remove it or choose"
+                f"{setting}: {path} exists and is not a socket — remove it or choose"
                 " another path"
             )
         path.unlink()
@@ -152,8 +152,13 @@ class KeySocketServer:
         *,
         activated_fds: Mapping[int, str] | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        heartbeat: Callable[[], None] | None = None,
+        tick: float = 10.0,
     ) -> None:
         self.path = config.path
+        # called at least every `tick` seconds while the accept loop runs (the watchdog)
+        self._heartbeat = heartbeat
+        self._tick = tick
         self.timeout = config.timeout
         self._key_for = key_for
         self._is_managed = is_managed
@@ -181,7 +186,7 @@ class KeySocketServer:
             self.activated = True
             log.info("key socket: serving the socket systemd passed (fd %d)", fd)
         else:
-            self._sock = _bind_path(self.path)
+            self._sock = bind_private_socket(self.path)
             self._owns_path = True
             log.info("key socket: listening on %s", self.path)
         self._stopping.clear()
@@ -241,23 +246,15 @@ class KeySocketServer:
         # agent being replaced) may take the connection between the two calls.
         sock.setblocking(False)
         while not self._stopping.is_set():
+            if self._heartbeat is not None:
+                self._heartbeat()
             try:
-                ready, _, _ = select.select([sock.fileno(), wake], [], [])
-            except OSError as e:
-                log.error("key socket: cannot wait for connections: %s", e)
+                conn = accept_or_wake(sock, wake, self._tick if self._heartbeat else None,
+                                      "key socket")
+            except Woken:
                 return
-            if wake in ready:
-                return
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
+            if conn is None:
                 continue
-            except OSError as e:
-                # EMFILE and friends: back off briefly instead of spinning.
-                log.warning("key socket: accept failed: %s", e.strerror or e)
-                self._stopping.wait(0.1)
-                continue
-            conn.setblocking(True)
             if not self._slots.acquire(blocking=False):
                 log.warning("key socket: %d connections in progress, declining a new one",
                             self._max_connections)

@@ -38,7 +38,6 @@ from bootkey_core.errors import (
     ConfigError,
     VaultBadAnswer,
     VaultDenied,
-    VaultError,
     VaultUnavailable,
 )
 
@@ -294,7 +293,8 @@ def admin_client(vault: VaultConfig, token: str) -> hvac.Client:
 
 def _call(client: hvac.Client, method: str, path: str, what: str, *,
           body: dict[str, Any] | None = None, wrap_ttl: str | None = None) -> Any:
-    """One admin request; errors become bootkey errors naming the path (no body echo)."""
+    """One admin request; errors become bootkey errors naming the path (no body echo).
+    A 404 on a read is an answer (None: absent); on a write it is an error."""
     try:
         kw: dict[str, Any] = {"json": body} if body is not None else {}
         if wrap_ttl:
@@ -304,15 +304,20 @@ def _call(client: hvac.Client, method: str, path: str, what: str, *,
         kind = "timed out" if isinstance(e, requests.Timeout) else "unreachable"
         raise VaultUnavailable(f"{path}: cannot {what}: Vault {kind} at {client.url}") from None
     except hx.Forbidden:
-        raise VaultDenied(f"{path}: cannot {what}: permission denied (403) — the admin token "
-                          "needs sudo on sys/auth and sys/mounts and write on sys/policies and "
-                          f"auth/… (a root or admin token)") from None
+        raise VaultDenied(f"{path}: cannot {what}: permission denied (403) — use an admin "
+                          "token (docs/vault-setup.md lists what it needs)") from None
     except hx.InvalidPath:
-        return None
+        if method == "GET":
+            return None
+        raise VaultBadAnswer(f"{path}: cannot {what}: no such path (404)") from None
+    except (hx.VaultDown, hx.VaultNotInitialized, hx.InternalServerError, hx.BadGateway,
+            hx.RateLimitExceeded, hx.UnexpectedError) as e:
+        raise VaultUnavailable(f"{path}: cannot {what}: Vault is sealed, uninitialised or "
+                               f"failing ({type(e).__name__})") from None
     except hx.VaultError as e:
         detail = "; ".join(str(x) for x in (getattr(e, "errors", None) or []))[:200]
-        raise VaultError(f"{path}: cannot {what}: Vault refused ({type(e).__name__}: "
-                         f"{detail})") from None
+        raise VaultBadAnswer(f"{path}: cannot {what}: Vault refused the request "
+                             f"({detail})") from None
     return res if isinstance(res, dict) else None
 
 
@@ -417,14 +422,15 @@ def _write_private(path: Path, data: bytes | bytearray) -> None:
 
 
 def _encrypt_credential(d: Credential, secret: bytearray) -> None:
-    d.path.parent.mkdir(parents=True, exist_ok=True)
-    res = _proc.run(["systemd-creds", "encrypt", f"--name={d.name}", "-", str(d.path)],
+    # to stdout, then written 0600 here: the file's mode does not depend on the umask
+    res = _proc.run(["systemd-creds", "encrypt", f"--name={d.name}", "-", "-"],
                     stdin=secret, timeout=CREDS_TIMEOUT)
-    if res.returncode != 0:
+    if res.returncode != 0 or not res.stdout:
         last = res.stderr.strip().splitlines()[-1:] or [""]
         raise SetupFailed(f"{d.path}: cannot write the credential: systemd-creds encrypt "
                           f"failed (exit {res.returncode}: {last[0]}) — or use "
                           "--secret-id wrapped")
+    _write_private(d.path, res.stdout)
 
 
 class SetupFailed(BootkeyError):

@@ -12,23 +12,15 @@ no verify callback, so it can only refuse such certificates (shared/KES-TLS-STAC
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import hvac
-import hvac.exceptions
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
-from bootkey_core.errors import (
-    ConfigError,
-    VaultBadAnswer,
-    VaultDenied,
-    VaultUnavailable,
-)
+from bootkey_core.errors import ConfigError
 
 if TYPE_CHECKING:
     from OpenSSL.SSL import _NoOverlappingProtocols
@@ -174,67 +166,6 @@ def build_context(tls: TLSConfig, *, http2: bool = True) -> SSL.Context:
 RENEW_FRACTION = 2 / 3
 
 
-@dataclass(frozen=True, slots=True)
-class VaultPKI:
-    """Issues the KES server certificate from `<mount>/issue/<role>` at start and on
-    renewal. The private key Vault generates arrives in the response and goes straight
-    into a `TLSConfig`: it is never written anywhere."""
-
-    client: Callable[[], hvac.Client]
-    role: str
-    common_name: str
-    mount: str = "pki"
-    ip_sans: tuple[str, ...] = ("127.0.0.1",)
-    alt_names: tuple[str, ...] = ("localhost",)
-    ttl: str = "720h"
-    client_ca_pem: bytes | None = None
-    verify_client: bool = False
-
-    def issue(self) -> TLSConfig:
-        params: dict[str, str] = {"ttl": self.ttl, "format": "pem",
-                                  "private_key_format": "pkcs8"}
-        if self.ip_sans:
-            params["ip_sans"] = ",".join(self.ip_sans)
-        if self.alt_names:
-            params["alt_names"] = ",".join(self.alt_names)
-        where = f"Vault PKI {self.mount}/issue/{self.role}"
-        try:
-            answer = self.client().secrets.pki.generate_certificate(
-                self.role, self.common_name, extra_params=params, mount_point=self.mount
-            )
-            data = answer["data"]
-            chain = [data["certificate"], *(data.get("ca_chain") or [])]
-            key = data["private_key"]
-        except hvac.exceptions.Forbidden:
-            raise VaultDenied(
-                f"{where}: cannot issue the KES certificate: permission denied"
-                f" — grant the token 'update' on {self.mount}/issue/{self.role}"
-            ) from None
-        except hvac.exceptions.InvalidRequest as exc:
-            # Vault's message names the SAN or TTL the role refuses; it holds no secret.
-            raise ConfigError(
-                f"{where}: cannot issue the KES certificate: {'; '.join(exc.errors or [])}"
-                " — allow these names and TTL in the role"
-            ) from None
-        except hvac.exceptions.VaultError as exc:
-            raise VaultUnavailable(
-                f"{where}: cannot issue the KES certificate: {type(exc).__name__}"
-                " — check that Vault is reachable and unsealed"
-            ) from None
-        except (KeyError, TypeError):
-            raise VaultBadAnswer(
-                f"{where}: cannot issue the KES certificate: no certificate in the answer"
-                " — check that the mount is a PKI engine"
-            ) from None
-        except OSError as exc:
-            raise VaultUnavailable(
-                f"{where}: cannot issue the KES certificate: {type(exc).__name__}"
-                " — check that Vault is reachable"
-            ) from None
-        cert_pem = "\n".join(c.strip() for c in chain).encode() + b"\n"
-        return TLSConfig(cert_pem, key.encode(), self.client_ca_pem, self.verify_client)
-
-
 def renewal_delay(
     cert_pem: bytes,
     now: dt.datetime,
@@ -255,6 +186,6 @@ def renewal_delay(
 
 
 class CertSource(Protocol):
-    """Something that can issue the server's certificate again (e.g. `VaultPKI`)."""
+    """Something that can issue the server's certificate again (kes.vault_pki.VaultPKI)."""
 
     def issue(self) -> TLSConfig: ...

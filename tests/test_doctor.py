@@ -229,3 +229,63 @@ def test_single_use_secret_id_with_a_non_periodic_token_fails_with_the_fix(
     assert r["status"] == "fail" and "token_period" in r["fix"]
     assert "secret_id" in r["detail"]
     assert rc == 90
+
+
+def test_missing_config_fails_naming_the_file_and_the_machine_is_still_checked(
+        tmp_path: Path) -> None:
+    rc, checks = _doctor(tmp_path / "nope.toml", tmp_path)
+    assert checks["config"]["status"] == "fail"
+    assert str(tmp_path / "nope.toml") in checks["config"]["detail"]
+    assert {"memlock", "cryptsetup", "device-mapper", "unit"} <= set(checks)
+    assert rc == 90
+
+
+def test_a_wrapped_secret_id_is_looked_up_never_unwrapped(
+        vault_env2: VaultEnv, bao: DevBao, tmp_path: Path) -> None:
+    c: hvac.Client = bao.client()
+    res = c.auth.approle.generate_secret_id(f"bootkey-boot-{vault_env2.host_id}", wrap_ttl="1h")
+    wrapped = tmp_path / "secret-id.wrapped"
+    wrapped.write_text(res["wrap_info"]["token"])
+    cfg = tmp_path / "bootkey.toml"
+    cfg.write_text(vault_env2.toml().replace(
+        "[vault.approle]\n", f'[vault.approle]\nwrapped_secret_id_file = "{wrapped}"\n'))
+    _, checks = _doctor(cfg, tmp_path)
+    login = checks["approle login"]
+    assert login["status"] == "warn" and "not tried" in login["detail"]
+    assert "secret-id" in login["detail"]  # the wrapping token's creation path
+    # still there and still unwrappable: the agent's first start can use it
+    assert wrapped.exists()
+    unwrapped = hvac.Client(url=bao.address, token=wrapped.read_text()).sys.unwrap()
+    assert unwrapped["data"]["secret_id"]
+
+
+def test_a_dead_address_next_to_a_live_one_is_a_warning() -> None:
+    live = dc.reachable("https://v1:8200", 200, None)
+    dead = dc.reachable("https://v2:8200", None, "connection failed")
+    assert [c.status for c in dc.failover([live, dead])] == [Status.PASS, Status.WARN]
+    assert [c.status for c in dc.failover([dead])] == [Status.FAIL]
+
+
+def test_access_that_ends_at_a_known_time_is_a_warning_naming_it() -> None:
+    expiring = dc.TokenFacts(ttl=60, period=0, explicit_max_ttl=0, renewable=True)
+    c = dc.relogin(expiring, None, "file x", "2026-12-05T03:00:00+00:00")
+    assert c.status is Status.WARN and "2026-12-05T03:00:00" in c.detail
+    assert "token_period" in c.fix
+    periodic = dc.TokenFacts(ttl=5400, period=5400, explicit_max_ttl=0, renewable=True)
+    assert "period 1h30m" in dc.token(periodic).detail
+    assert dc.relogin(periodic, None, "file x", "2026-12-05T03:00:00+00:00").status \
+        is Status.PASS
+
+
+def test_a_missing_ca_file_is_named(tmp_path: Path) -> None:
+    ca = tmp_path / "no-such-ca.pem"
+    check, skew = doctor.probe_vault("https://127.0.0.1:9", ca, 1.0)
+    assert check.status is Status.FAIL and str(ca) in check.detail and skew is None
+
+
+def test_every_config_problem_is_listed(tmp_path: Path) -> None:
+    cfg = tmp_path / "bootkey.toml"
+    cfg.write_text('host_id = "h1"\n[vault]\ntimeout = "soon"\n[unlock]\nparalel = 3\n')
+    check, parsed = doctor.check_config(str(cfg))
+    assert parsed is None and check.status is Status.FAIL
+    assert "vault.timeout" in check.detail and "unlock.paralel" in check.detail

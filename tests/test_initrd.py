@@ -19,6 +19,7 @@ from tests.support.bao import free_port
 from tests.support.luksimg import enroll_direct, make_image
 from tests.support.vaultenv import VaultEnv
 from tests.support.wait import wait_for
+from tests.test_askpassword import agent_reply
 from tests.test_keysocket import systemd_client
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "packaging/dracut/90bootkey"
@@ -80,9 +81,13 @@ def test_list_files_holds_the_unlock_path_and_not_the_cli(tmp_path: Path) -> Non
     for needed in ("keysocket.py", "vault.py", "unlock.py", "initrd.py", "idna.py"):
         assert needed in names, needed
     assert str(cfg) in files and str(sid) in files
-    # the CLI, enrolment and the KES server stay out of the initrd
-    assert not any("/bootkey/commands/" in f or f.endswith("/bootkey/enroll.py")
-                   or "/kes/" in f for f in files)
+    # the CLI, enrolment and the KES server stay out of the initrd; of kes, only the
+    # [kes] section's model comes along (the config is validated whole)
+    kes_config_only = ("/kes/__init__.py", "/kes/config.py", "/kes/policy.py")
+    assert not any("/bootkey/commands/" in f or "/bootkey/enroll" in f
+                   or ("/kes/" in f and f.endswith(".py") and not f.endswith(kes_config_only))
+                   for f in files)
+    assert not any("/kes/server" in f or "/kes/api" in f for f in files)
 
 
 def test_initrd_command_prints_the_root_line_from_the_token(
@@ -107,7 +112,7 @@ def _serve(cfg: config.Config, sock: Path,
            monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Thread, threading.Event]:
     monkeypatch.setattr(initrd, "SOCKET_PATH", sock)
     stop = threading.Event()
-    t = threading.Thread(target=initrd.serve, args=(cfg, stop))
+    t = threading.Thread(target=initrd.serve, args=(cfg, stop, sock.parent / "ask-password"))
     t.start()
     wait_for(sock.exists, timeout=10, what="the initrd key socket")
     return t, stop
@@ -155,3 +160,42 @@ def test_initrd_socket_declines_in_time_when_vault_is_away(
         t.join(timeout=10)
     err = capfd.readouterr().err
     assert "volume root: no key from Vault" in err and "type the passphrase" in err
+
+
+def test_a_passphrase_typed_while_vault_is_away_is_sent_at_once(
+    vault_env2: VaultEnv, tmp_path: Path
+) -> None:
+    img = make_image(tmp_path / "root.img")
+    enroll_direct(vault_env2.config(), vault_env2.enroll_token, img, name="root")
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = config.parse(vault_env2.toml()
+                       .replace(f'address = ["{vault_env2.address}"]', f'address = ["{dead}"]')
+                       .replace("[unlock]\n", f'[unlock]\nsearch = ["{img}"]\n'))
+    ask_dir = tmp_path / "ask-password"
+    keys = initrd.InitrdKeys(cfg, ask_dir=ask_dir)
+    got: list[SecretBuffer | None] = []
+    t = threading.Thread(target=lambda: got.append(keys.key_for("root", time.monotonic() + 60)))
+    t0 = time.monotonic()
+    t.start()
+    wait_for(lambda: list(ask_dir.glob("ask.*")), timeout=10, what="the console prompt")
+    agent_reply(ask_dir, b"+typed at the console")
+    t.join(timeout=10)
+    keys.close()
+    assert got and got[0] is not None and bytes(got[0].view) == b"typed at the console"
+    assert time.monotonic() - t0 < 30  # not held until the 60 s deadline
+    assert list(ask_dir.iterdir()) == []
+
+
+def test_the_vault_key_withdraws_the_console_prompt(vault_env2: VaultEnv,
+                                                    tmp_path: Path) -> None:
+    key = os.urandom(64)
+    img = make_image(tmp_path / "root.img")
+    enroll_direct(vault_env2.config(), vault_env2.enroll_token, img, name="root",
+                  key=SecretBuffer.from_bytes(bytearray(key)))
+    cfg = config.parse(vault_env2.toml().replace("[unlock]\n",
+                                                 f'[unlock]\nsearch = ["{img}"]\n'))
+    ask_dir = tmp_path / "ask-password"
+    keys = initrd.InitrdKeys(cfg, ask_dir=ask_dir)
+    got = keys.key_for("root", time.monotonic() + 30)
+    assert got is not None and bytes(got.view) == key
+    assert list(ask_dir.iterdir()) == []

@@ -5,6 +5,7 @@ and unlock."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -219,3 +220,45 @@ def test_no_admin_token_is_a_config_error(fresh_bao: DevBao, tmp_path: Path) -> 
     res = _cli(cfg, "setup-vault", "--secret-id", "none")
     assert res.returncode == 78
     assert "no admin token — set $VAULT_TOKEN" in res.stderr
+
+
+def test_credential_delivery_is_sealed_with_systemd_creds(fresh_bao: DevBao,
+                                                          tmp_path: Path) -> None:
+    """`--secret-id credential` as on a host: systemd-creds seals it with the host key.
+    The host key lives in /var/lib/systemd; a private mount namespace puts a fresh one
+    there, so this machine's own is never created or touched."""
+    tools = [shutil.which(t) for t in ("unshare", "systemd-creds")]
+    assert all(tools), "util-linux and systemd are missing: scripts/setup.sh installs them"
+    host = new_host_id()
+    cfg = _config(tmp_path, fresh_bao, host)
+    cred, plain, keydir = tmp_path / "secret-id.cred", tmp_path / "plain", tmp_path / "hostkey"
+    keydir.mkdir()
+    script = (
+        f"mount --bind {keydir} /var/lib/systemd && "
+        f"{sys.executable} -m bootkey.cli --config {cfg} setup-vault --secret-id credential "
+        f"--secret-id-path {cred} && "
+        f"systemd-creds decrypt --name=secret-id {cred} {plain}")
+    res = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
+                         text=True, timeout=120, check=False,
+                         env={**os.environ, "VAULT_TOKEN": fresh_bao.root_token})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert 'secret_id_credential = "secret-id"' in res.stdout
+    assert cred.stat().st_mode & 0o777 == 0o600
+    assert plain.read_text().strip() not in cred.read_text()  # sealed, not plain
+    role_id = setup_vault.read_role_id(
+        fresh_bao.client(), setup_vault.Want(config.VaultConfig(), host))
+    login = hvac.Client(url=fresh_bao.address).auth.approle.login(
+        role_id, plain.read_text().strip(), use_token=False)
+    assert login["auth"]["client_token"]
+    assert sorted(login["auth"]["token_policies"]) == [f"bootkey-boot-{host}", "default"]
+
+
+def test_a_token_without_admin_rights_is_refused_naming_the_path(
+        fresh_bao: DevBao, tmp_path: Path) -> None:
+    weak = fresh_bao.client().auth.token.create(policies=["default"], ttl="10m")
+    cfg = _config(tmp_path, fresh_bao, new_host_id())
+    before = _snapshot(fresh_bao.client())
+    res = _cli(cfg, "setup-vault", "--secret-id", "none", token=weak["auth"]["client_token"])
+    assert res.returncode == 77, res.stderr
+    assert "sys/auth: cannot list auth methods: permission denied (403)" in res.stderr
+    assert _snapshot(fresh_bao.client()) == before
