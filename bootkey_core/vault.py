@@ -14,6 +14,20 @@ naming the path and the fix; so does a TLS certificate that does not verify agai
 are built here from status and path only. A 403 caused by a dead token (expired, or past
 its max TTL) logs in again once and repeats the call.
 
+Read-your-writes: a read through this session sees this session's own writes. OpenBao
+>= 2.5 standbys answer reads from their own raft copy (`disable_standby_reads = false`, the
+default), which can lag the active node by a few ms, while writes are forwarded to the
+active node — so a standby first in `[vault] address` could answer enroll's read-back
+or KES's `generate` right after `create` with the entry as it was before (OpenBao 2.7
+sends no `X-Vault-Index` to ask for a newer state). The session remembers, for
+RYW_WINDOW (10 s), each path it wrote: the KV v2 version the write created, a keyed
+digest of a KV v1 entry, or that it deleted it. A GET of such a path whose answer is
+older (404, a lower version, other data, or still there after a delete) is read again,
+5 ms apart doubling to 100 ms, for at most RYW_WAIT (1 s, logged at debug); then the
+last answer stands, so it never hangs. Reads of paths it did not write (the boot path,
+every KES cache miss of an older key) cost nothing extra; LISTs are not covered.
+Another process's writes are not covered either: that is eventual consistency.
+
 Access that lasts: the secret_id, once read from its source (a file, a systemd credential,
 the config, or unwrapped from a response-wrapping token), is kept in a `SecretBuffer`, so
 the session can log in again after the source is gone (wrapped file deleted after
@@ -37,6 +51,9 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
+import hmac
+import json as _json
 import logging
 import os
 import random
@@ -77,6 +94,23 @@ _RETRY_HVAC = (hx.VaultDown, hx.VaultNotInitialized, hx.InternalServerError,
 _RETRY_NET = (requests.ConnectionError, requests.Timeout)
 # Vault's zero time: a secret_id without expiry.
 _NEVER = "0001-01-01T00:00:00Z"
+
+# Read-your-writes (module header): a write is remembered this long, a read of it is
+# repeated for at most RYW_WAIT, and at most _RYW_MAX writes are remembered.
+RYW_WINDOW = 10.0
+RYW_WAIT = 1.0
+_RYW_MAX = 4096
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What the session last wrote to one path, and when (monotonic)."""
+
+    at: float
+    version: int | None = None        # KV v2: the version the write created
+    fingerprint: bytes | None = None  # KV v1: a keyed digest of the entry written
+    deleted: bool = False
 
 
 class VaultRejected(VaultBadAnswer):
@@ -238,6 +272,9 @@ class VaultSession:
         self._facts_for: tuple[int, str | None] | None = None  # (login generation, role)
         self._facts_lock = threading.Lock()
         self._capped_warned = False
+        self._ryw: dict[str, _Written] = {}  # path → this session's last write there
+        self._ryw_lock = threading.Lock()
+        self._ryw_salt = os.urandom(16)
         self.logins = 0    # successful logins (for tests and metrics)
         self.renewals = 0  # successful renewals
         self._verify: bool | str = str(cfg.ca_file) if cfg.ca_file else True
@@ -394,10 +431,115 @@ class VaultSession:
                 params: dict[str, str] | None = None, deadline: float | None = None,
                 _relogin: bool = True) -> Any:
         """Any Vault API call with the session's token: the parsed answer (None if
-        empty). `path` is the API path without /v1/. Raises VaultError subclasses."""
+        empty). `path` is the API path without /v1/. Raises VaultError subclasses.
+        A GET of a path this session wrote moments ago sees that write (read-your-writes,
+        module header)."""
         def call(c: hvac.Client) -> Any:
             return self._send(c, method, path, token=self._token, json=json, params=params)
-        return self._retrying(call, what, path, deadline, auth=_relogin)
+        verb = method.upper()
+        if verb == "GET":
+            written = self._own_write(path)
+            if written is not None:
+                return self._read_own_write(call, what, path, written, deadline=deadline,
+                                            relogin=_relogin,
+                                            pinned=bool(params and "version" in params))
+        res = self._retrying(call, what, path, deadline, auth=_relogin)
+        if verb in _WRITES:
+            self._remember(verb, path, json, res)
+        return res
+
+    # ---- read-your-writes ------------------------------------------------------------
+
+    def _fingerprint(self, data: Any) -> bytes:
+        # Keyed with a random per-session salt: what was written (maybe a KES key) is
+        # never kept, only a digest nobody else can compute.
+        text = _json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hmac.new(self._ryw_salt, text, hashlib.sha256).digest()
+
+    def _remember(self, verb: str, path: str, body: Any, res: Any) -> None:
+        """Note a successful write: KV v2 (the answer names the new version), KV v1
+        (an empty answer: the body is the entry) or a delete."""
+        now = time.monotonic()
+        notes: dict[str, _Written] = {}
+        if verb == "DELETE":
+            gone = _Written(now, deleted=True)
+            notes[path] = gone
+            if "/metadata/" in path:  # KV v2: every version of the entry is gone
+                notes[path.replace("/metadata/", "/data/", 1)] = gone
+        else:
+            data = res.get("data") if isinstance(res, dict) else None
+            version = data.get("version") if isinstance(data, dict) else None
+            if isinstance(version, int) and not isinstance(version, bool) \
+                    and "/data/" in path:
+                notes[path] = _Written(now, version=version)
+                notes[path.replace("/data/", "/metadata/", 1)] = _Written(now, version=version)
+            elif res is None and isinstance(body, dict):
+                notes[path] = _Written(now, fingerprint=self._fingerprint(body))
+            else:
+                return  # an answer, not an entry (transit, lookups): nothing to read back
+        with self._ryw_lock:
+            old = [p for p, w in self._ryw.items() if now - w.at > RYW_WINDOW]
+            for p in old:
+                del self._ryw[p]
+            self._ryw.update(notes)
+            while len(self._ryw) > _RYW_MAX:
+                del self._ryw[next(iter(self._ryw))]  # the oldest (insertion order)
+
+    def _own_write(self, path: str) -> _Written | None:
+        if not self._ryw:  # the boot path: no writes, no lock
+            return None
+        with self._ryw_lock:
+            w = self._ryw.get(path)
+        if w is None or time.monotonic() - w.at > RYW_WINDOW:
+            return None
+        return w
+
+    def _older(self, w: _Written, res: Any, missing: bool, pinned: bool) -> bool:
+        """Is this answer older than the session's own write `w`?"""
+        if missing or w.deleted:
+            return missing != w.deleted
+        data = res.get("data") if isinstance(res, dict) else None
+        if not isinstance(data, dict):
+            return True
+        if w.version is not None:
+            if pinned:  # `?version=N`: that version exists, as it should
+                return False
+            meta = data.get("metadata")
+            seen = meta.get("version") if isinstance(meta, dict) else \
+                data.get("current_version")
+            return isinstance(seen, int) and seen < w.version
+        return w.fingerprint is not None and self._fingerprint(data) != w.fingerprint
+
+    def _read_own_write(self, call: Callable[[hvac.Client], Any], what: str, path: str,
+                        w: _Written, *, deadline: float | None, relogin: bool,
+                        pinned: bool) -> Any:
+        """A read of a path written moments ago: a standby serving reads from its own
+        raft copy (OpenBao >= 2.5) may not have the write yet. Read again, a few ms
+        apart, until the answer is at least as new as the write, for at most
+        RYW_WAIT; then the last answer stands."""
+        give_up = time.monotonic() + RYW_WAIT
+        pause = 0.005
+        while True:
+            missing: VaultNotFound | None = None
+            res: Any = None
+            try:
+                res = self._retrying(call, what, path, deadline, auth=relogin)
+            except VaultNotFound as e:
+                missing = e
+            if not self._older(w, res, missing is not None, pinned):
+                return res
+            if time.monotonic() + pause > give_up:
+                log.info("%s: Vault still answers with an older state than this session "
+                         "wrote %.1f s ago; using that answer", path,
+                         time.monotonic() - w.at, extra={"VAULT_PATH": path})
+                if missing is not None:
+                    raise missing
+                return res
+            log.debug("%s: the answer predates this session's own write (a standby "
+                      "behind the active node?); reading again in %.0f ms", path,
+                      pause * 1000, extra={"VAULT_PATH": path})
+            self.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def health(self) -> tuple[dict[str, Any], float]:
         """`sys/health` on the preferred address without token or namespace (Vault

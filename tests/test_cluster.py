@@ -150,13 +150,10 @@ def test_enroll_and_rotate_with_the_active_node_first(fleet: Fleet, healthy: Raf
     enroll_and_rotate(fleet, tmp_path, active_first(healthy)[1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bootkey_core/vault.py: OpenBao >= 2.5 standbys serve reads from their own raft copy "
-    "(disable_standby_reads=false by default), so enroll's read-back right after its "
-    "write sees the old entry; VaultSession must send the X-Vault-Index it got back with "
-    "`X-Vault-Inconsistent: forward-active-node`"))
 def test_enroll_and_rotate_with_a_standby_first(fleet: Fleet, healthy: RaftCluster,
                                                 tmp_path: Path) -> None:
+    """Enroll's and rotate's read-back right after their writes go through a standby
+    that serves reads from its own raft copy: they see their writes (read-your-writes)."""
     enroll_and_rotate(fleet, tmp_path, standby_first(healthy))
 
 
@@ -298,14 +295,10 @@ def stop_kes_agent(kes: KesAgent) -> None:
     assert rc == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bootkey_core/vault.py (the session KES's keystore uses): OpenBao >= 2.5 standbys "
-    "serve reads from their own raft copy, so `generate` right after `create` reads the new "
-    "key through the standby before the write reached it and answers 404 'key does not "
-    "exist'; the session must send the X-Vault-Index of its writes with "
-    "`X-Vault-Inconsistent: forward-active-node`"))
 def test_kes_through_a_standby(fleet: Fleet, healthy: RaftCluster, kes_policy: str,
                                tmp_path: Path) -> None:
+    """`generate` right after `create` through a standby that serves reads itself: the
+    session's read-your-writes (bootkey_core/vault.py) waits for the standby to catch up."""
     kes = kes_agent(fleet, tmp_path, standby_first(healthy), kes_policy)
     try:
         dek = kes.create_and_generate("minio-standby")
@@ -326,9 +319,8 @@ def test_kes_rides_through_a_leader_change(fleet: Fleet, healthy: RaftCluster,
         healthy.active(not_=active)
         assert kes.call("/v1/key/create/minio-after", {}) == (200, "")  # the first call
         assert kes.decrypts("minio-before", before)
-        # The session may have failed over to a standby, which can read the new key a
-        # moment late (that bug is test_kes_through_a_standby's): allow it that moment.
-        wait_for(lambda: kes.call("/v1/key/generate/minio-after", CONTEXT)[0] == 200,
-                 timeout=5, what="generate with the new key", interval=0.05)
+        # The session may have failed over to a standby: its read-your-writes still
+        # finds the key it has just written.
+        assert kes.call("/v1/key/generate/minio-after", CONTEXT)[0] == 200
     finally:
         stop_kes_agent(kes)

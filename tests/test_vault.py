@@ -4,7 +4,10 @@ and re-login, KV create-only, error classification."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hvac
 import pytest
@@ -18,7 +21,9 @@ from bootkey_core.errors import (
     VaultDenied,
     VaultUnavailable,
 )
+from bootkey_core.vault import RYW_WAIT, _Written
 from tests.support.bao import DevBao, free_port
+from tests.support.proxy import HttpFront
 from tests.support.vaultenv import VaultEnv
 
 
@@ -196,3 +201,90 @@ def test_blank_credential_falls_back_to_secret_id_file(vault_env2: VaultEnv, tmp
     s = session(vault_env2)
     s.login()
     assert s.logged_in
+
+
+# ---- read-your-writes (a standby that has not seen the session's own write yet) -------
+
+
+@pytest.fixture
+def front(bao: DevBao) -> Iterator[HttpFront]:
+    f = HttpFront(bao.address).start()
+    yield f
+    f.stop()
+
+
+def through(env: VaultEnv, front: HttpFront) -> VaultSession:
+    vcfg = env.config().vault.model_copy(update={"address": [front.address]})
+    return VaultSession(vcfg, token=env.enroll_token)
+
+
+def gets(front: HttpFront, api: str) -> int:
+    return sum(1 for m, p, _ in front.seen if m == "GET" and p == api)
+
+
+def test_read_of_own_write_waits_out_a_lagging_standby(vault_env: VaultEnv,
+                                                       front: HttpFront) -> None:
+    """The front answers 404 three times, as a standby would before the write reached
+    it: the session reads again, and the caller sees what it wrote."""
+    s = through(vault_env, front)
+    mount, version = vault_env.kv_mount, vault_env.kv_version
+    path = f"bootkey/{vault_env.host_id}/ryw"
+    s.kv_write(mount, version, path, {"a": "1"})
+    api = "/v1/" + VaultSession.kv_api_path(mount, version, path)
+    front.answer(api, 404, times=3)
+    assert s.kv_read(mount, version, path) == {"a": "1"}
+    assert gets(front, api) == 4
+
+
+def test_read_of_a_path_not_written_is_not_repeated(vault_env2: VaultEnv,
+                                                    front: HttpFront) -> None:
+    """The boot path: reads of entries this session did not write cost one request."""
+    s = through(vault_env2, front)
+    path = f"bootkey/{vault_env2.host_id}/never-written"
+    api = "/v1/" + VaultSession.kv_api_path(vault_env2.kv_mount, 2, path)
+    front.answer(api, 404)
+    assert s.kv_read(vault_env2.kv_mount, 2, path) is None
+    assert gets(front, api) == 1
+
+
+def test_read_of_own_write_gives_up_within_ryw_wait(vault_env2: VaultEnv,
+                                                    front: HttpFront) -> None:
+    """A node that never catches up: the last answer stands after RYW_WAIT, no hang."""
+    s = through(vault_env2, front)
+    path = f"bootkey/{vault_env2.host_id}/lagging"
+    s.kv_write(vault_env2.kv_mount, 2, path, {"a": "1"})
+    api = "/v1/" + VaultSession.kv_api_path(vault_env2.kv_mount, 2, path)
+    front.answer(api, 404)
+    t0 = time.monotonic()
+    assert s.kv_read(vault_env2.kv_mount, 2, path) is None
+    assert time.monotonic() - t0 < RYW_WAIT + 1.0
+    assert 2 < gets(front, api) < 20  # a few ms apart, growing: no busy loop
+
+
+def test_what_counts_as_older_than_the_own_write(vault_env2: VaultEnv) -> None:
+    """Pure logic: which answers are older than the write the session remembers."""
+    s = VaultSession(vault_env2.config().vault, token="unused")
+    v3 = _Written(0.0, version=3)
+
+    def entry(version: int) -> dict[str, Any]:
+        return {"data": {"data": {"a": "1"}, "metadata": {"version": version}}}
+
+    assert s._older(v3, entry(2), False, False)
+    assert not s._older(v3, entry(3), False, False)
+    assert not s._older(v3, entry(4), False, False)
+    assert not s._older(v3, entry(1), False, True)  # ?version=1 asked for version 1
+    assert s._older(v3, {"data": {"current_version": 2}}, False, False)  # metadata
+    assert s._older(v3, None, True, False)  # 404
+    gone = _Written(0.0, deleted=True)
+    assert not s._older(gone, None, True, False)
+    assert s._older(gone, entry(3), False, False)
+    v1 = _Written(0.0, fingerprint=s._fingerprint({"a": "1"}))
+    assert not s._older(v1, {"data": {"a": "1"}}, False, False)
+    assert s._older(v1, {"data": {"a": "2"}}, False, False)
+    # Answers that are not entries are not remembered: nothing to read back.
+    s._remember("POST", "transit/decrypt/k", {"ciphertext": "vault:v1:x"},
+                {"data": {"plaintext": "eA=="}})
+    s._remember("DELETE", "secret/metadata/h/e", None, None)
+    assert s._own_write("transit/decrypt/k") is None
+    assert s._own_write("secret/data/h/e") == s._own_write("secret/metadata/h/e")
+    assert s._own_write("secret/data/h/e") is not None
