@@ -48,7 +48,16 @@ def boot_rules(vault: VaultConfig, host_id: str) -> list[Rule]:
                   {"ciphertext": [], "context": [glob]}, comment=note)]
     if meta:
         rules.append(Rule(meta, ("read", "list")))
+    rules.append(Rule(
+        f"auth/{vault.approle.mount}/role/{boot_role(host_id)}/secret-id/lookup", ("update",),
+        comment="the secret_id's own uses left and expiry, so the agent can warn before it\n"
+                "loses access; the caller must present the secret_id: this grants nothing new"))
     return rules
+
+
+def boot_role(host_id: str) -> str:
+    """The host's AppRole role, as `bootkey setup-vault` creates it."""
+    return f"bootkey-boot-{host_id}"
 
 
 def boot_policy(vault: VaultConfig, host_id: str) -> str:

@@ -56,7 +56,7 @@ def enroll_policy_name(host_id: str) -> str:
 
 
 def role_name(host_id: str) -> str:
-    return boot_policy_name(host_id)
+    return policy.boot_role(host_id)  # the boot policy's secret-id/lookup rule names it
 
 
 # ---- how the secret_id reaches the host -----------------------------------------------

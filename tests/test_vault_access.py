@@ -13,8 +13,10 @@ import hvac
 import pytest
 
 from bootkey import config as cfgmod
+from bootkey import policy
 from bootkey.vault import VaultSession
 from bootkey_core.vault import AccessOutlook, outlook, renew_in
+from bootkey_core.vault_policy import hcl
 from tests.support.bao import DevBao
 from tests.support.vaultenv import VaultEnv
 from tests.support.wait import wait_for
@@ -25,8 +27,9 @@ def role_of(env: VaultEnv) -> str:
 
 
 def let_role_see_its_secret_ids(root: hvac.Client, env: VaultEnv, **role: object) -> None:
-    """The recommended extra grant (docs/configuration.md): the host may look up its
-    own secret_id, so the session knows whether it can log in again."""
+    """The role's settings, and the grant to look up its own secret_id (the boot policy
+    has it too, since `bootkey policy` emits it), so the session knows whether it can
+    log in again."""
     name = role_of(env)
     root.sys.create_or_update_policy(
         f"{name}-lookup",
@@ -99,8 +102,14 @@ def test_expiring_secret_id_with_non_periodic_token_names_when(
     assert o.warning is not None and "secret_id_ttl" in o.warning
 
 
-def test_denied_secret_id_lookup_is_unknown_not_a_guess(vault_env2: VaultEnv) -> None:
-    s = VaultSession.from_config(vault_env2.config())
+def test_denied_secret_id_lookup_is_unknown_not_a_guess(vault_env2: VaultEnv,
+                                                        bao: DevBao) -> None:
+    """A boot policy written before `bootkey policy` granted the lookup."""
+    cfg = vault_env2.config()
+    older = [r for r in policy.boot_rules(cfg.vault, vault_env2.host_id)
+             if not r.path.endswith("/secret-id/lookup")]
+    bao.client().sys.create_or_update_policy(role_of(vault_env2), hcl(older))
+    s = VaultSession.from_config(cfg)
     s.login()
     o = s.access()
     assert o is not None and not o.secret_id_known and o.relogin_possible is None
@@ -146,3 +155,13 @@ def test_outlook_rules() -> None:
                                      (1e6, 3600.0)])
 def test_renewal_is_due_at_two_thirds(ttl: float, due: float) -> None:
     assert renew_in(ttl) == pytest.approx(due)
+
+
+def test_boot_policy_lets_the_host_see_its_secret_id(vault_env2: VaultEnv) -> None:
+    """`bootkey policy` (as setup-vault applies it) grants the secret_id lookup: the
+    session knows the secret_id's facts instead of "unknown"."""
+    s = VaultSession.from_config(vault_env2.config())
+    s.login()
+    o = s.access()
+    assert o is not None and o.secret_id_known and o.relogin_possible is True
+    assert o.secret_id_uses_left == 0 and o.warning is None
