@@ -30,6 +30,7 @@ from bootkey_core.errors import (
     PartialFailure,
     UsageError,
     VaultNotFound,
+    VaultUnavailable,
     WrongKey,
 )
 from bootkey_core.secret import SecretBuffer
@@ -297,11 +298,20 @@ def summarize(results: Sequence[VolumeResult]) -> BootkeyError | None:
     failed = [r for r in results if not r.ok]
     if not failed:
         return None
+    count = f"{len(failed)} of {len(results)} volumes failed"
     if len(failed) == len(results) and len({r.exit_code for r in failed}) == 1:
         err = failed[0].error
         if len(failed) == 1 and err is not None:
             return err
-        e = PartialFailure(f"{len(failed)} of {len(results)} volumes failed")
+        e = PartialFailure(count)
+        reasons = {r.reason for r in failed}
+        if len(reasons) == 1 and failed[0].reason:
+            # One cause for all (e.g. the login, when Vault is unreachable): the last line
+            # names it and the fix, not just a count (docs/errors.md).
+            e = PartialFailure(f"{failed[0].reason}: {count}")
+            if isinstance(err, VaultUnavailable) and " — " not in failed[0].reason:
+                e = PartialFailure(f"{e} — check that Vault is reachable and unsealed, "
+                                   "then run again (the agent retries by itself)")
         e.exit_code = failed[0].exit_code
         return e
-    return PartialFailure(f"{len(failed)} of {len(results)} volumes failed")
+    return PartialFailure(count)
