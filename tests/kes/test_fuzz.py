@@ -24,16 +24,19 @@ import base64
 import contextlib
 import json
 import os
+import re
 import ssl
 import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, unquote
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -54,18 +57,10 @@ RSS_BOUND = 48 << 20  # generous: allocator slack and the keyring cache of creat
 # KES's documented 502 answers (kes-api.md §2, kes/errors.py): a keystore failure.
 DOCUMENTED_502 = {"failed to create key", "failed to read key", "failed to delete key",
                   "failed to list keys", "key store is unavailable"}
-# (method, path) of every KES route, as in docs/kes-openapi.yaml
-ROUTES = [("GET", "/version"), ("GET", "/v1/ready"), ("GET", "/v1/status"),
-          ("GET", "/v1/metrics"), ("GET", "/v1/api"), ("PUT", "/v1/key/create/"),
-          ("PUT", "/v1/key/import/"), ("GET", "/v1/key/describe/"),
-          ("DELETE", "/v1/key/delete/"), ("GET", "/v1/key/list/"),
-          ("PUT", "/v1/key/generate/"), ("PUT", "/v1/key/encrypt/"),
-          ("PUT", "/v1/key/decrypt/"), ("POST", "/v1/key/bulk/decrypt/"),
-          ("PUT", "/v1/key/hmac/"), ("GET", "/v1/policy/describe/"),
-          ("GET", "/v1/policy/read/"), ("GET", "/v1/policy/list/"),
-          ("GET", "/v1/identity/describe/"), ("GET", "/v1/identity/list/"),
-          ("GET", "/v1/identity/self/describe"), ("GET", "/v1/log/error"),
-          ("GET", "/v1/log/audit")]
+# (method, path prefix) of every KES route, from the API's description
+SPEC = yaml.safe_load((Path(__file__).parents[2] / "docs" / "kes-openapi.yaml").read_text())
+ROUTES = [(method.upper(), re.sub(r"\{\w+\}$", "", path))
+          for path, item in SPEC["paths"].items() for method in item if method != "parameters"]
 METHODS = ["GET", "PUT", "POST", "DELETE", "HEAD", "PATCH", "OPTIONS", "TRACE", "PROPFIND",
            "get", "M-SEARCH"]
 KEYS = ["bench-key", "other-key", "known-key"]
