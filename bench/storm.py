@@ -58,9 +58,9 @@ import hvac
 
 from bootkey import config as cfgmod
 from bootkey import keystore
-from bootkey import provision as prov
 from bootkey.vault import VaultSession
 from bootkey_core.secret import SecretBuffer
+from tests.support.vaultenv import provision
 
 HOST_HEADER = "X-Bench-Host"
 VOLUMES_PER_HOST = 2
@@ -238,20 +238,17 @@ def provision_hosts(root: hvac.Client, address: str, work: Path, n: int, *,
     to bao directly (not through the proxy). `on_key` sees each key (the test suite's
     secrets registry)."""
     work.mkdir(parents=True, exist_ok=True)
-    vcfg = cfgmod.VaultConfig.model_validate({"address": address})
-    prov.ensure_engines(root, vcfg)
+    provision(root, work / "first")  # engines and mounts once, before the hosts race
 
     def one(i: int) -> HostSpec:
-        host_id = os.urandom(16).hex()
         client = hvac.Client(url=root.url, token=root.token)
-        creds = prov.create_host(client, vcfg, host_id)
-        sid = work / f"secret-id-{i}"
-        sid.write_text(creds.secret_id)
-        sid.chmod(0o600)
-        text = host_toml(address, host_id, creds.role_id, sid, retry_initial=retry_initial,
-                         retry_max=retry_max, deadline=deadline)
+        # bootkey setup-vault's own plan and executor, as an operator would run it
+        env = provision(client, work / f"host-{i}", host_id=os.urandom(16).hex())
+        host_id = env.host_id
+        text = host_toml(address, host_id, env.role_id, env.secret_id_file,
+                         retry_initial=retry_initial, retry_max=retry_max, deadline=deadline)
         cfg = cfgmod.parse(text)
-        enroll = VaultSession(cfg.vault, token=creds.enroll_token, deadline=30)
+        enroll = VaultSession(cfg.vault, token=env.enroll_token, deadline=30)
         vols = []
         for v in range(VOLUMES_PER_HOST):
             luks_uuid = str(uuid_of(i, v))
@@ -294,10 +291,9 @@ def _key_test_ok(dev: str, key: SecretBuffer | bytes, keyslot: int | None = None
     return luks.KeyTest.OK
 
 
-def _no_jitter(multiplier: float = 1, max: float = 0) -> Any:  # tenacity's parameter names
-    from tenacity import wait_exponential
-
-    return wait_exponential(multiplier=multiplier, max=max)
+def _no_jitter(self: Any, attempt: int) -> float:
+    """`Backoff.delay` without its randomness: the top of the jitter window, every time."""
+    return float(min(self.cap, self.initial * 2.0 ** min(attempt - 1, 60)))
 
 
 def boot_host(spec: HostSpec, start_at: float) -> HostResult:
@@ -333,12 +329,13 @@ def worker(specs: list[dict[str, Any]], jitter: bool,
            conn: multiprocessing.connection.Connection) -> None:
     """A worker process: its hosts as threads, all released at the instant the driver
     sends once every worker has said it is ready."""
-    from bootkey import luks, vault
+    from bootkey import luks
+    from bootkey_core import vault
 
     luks.test_key = _key_test_ok  # the keyslot test is per host, not Vault's load
     if not jitter:
         # the comparison run: same initial wait and cap, no randomness
-        vault.wait_random_exponential = _no_jitter  # type: ignore[attr-defined,assignment]
+        vault.Backoff.delay = _no_jitter  # type: ignore[method-assign]
     hosts = [HostSpec(**s) for s in specs]
     threading.stack_size(1 << 20)
     conn.send("ready")

@@ -1,10 +1,18 @@
-"""The KES transport: mTLS + HTTP/1.1 on asyncio, TLS through OpenSSL memory BIOs.
+"""The KES transport: mTLS + HTTP/1.1 or HTTP/2 on asyncio, TLS through OpenSSL memory BIOs.
+
+The modules, by job: kes/tls_context.py builds the server's TLS context (settings, ALPN);
+kes/tls_session.py is one connection's TLS session; kes/http1.py and kes/http2.py turn
+plaintext into `kes.messages.Request`s and `Response`s back into bytes, without I/O;
+this module moves bytes between socket, TLS and framing, runs the handlers and keeps the
+timeouts; kes/workers.py forks and supervises SO_REUSEPORT worker processes.
 
 One `_Connection` (an `asyncio.Protocol`) per client owns a `kes.tls_session.Session`:
 ciphertext from the socket is written into OpenSSL, plaintext read out of it is fed to
 the sans-I/O `kes.http1.RequestParser`, and every time OpenSSL is called its outgoing
 BIO is drained to the socket (KES-TLS-STACKS.md pitfall 1: a missed flush hangs a
-handshake or swallows an alert). The identity is computed once, at the handshake.
+handshake or swallows an alert). The identity is computed once, at the handshake. When
+ALPN chose `h2`, the `_Connection` hands socket and session to an `_H2Connection`, which
+serves the multiplexed streams through kes/http2.py.
 
 Handlers run eagerly: the handler coroutine's first step runs inside `data_received`,
 and one that finishes without suspending (the usual cached-key generate/decrypt) is
@@ -18,7 +26,8 @@ Timeouts follow KES (read-header 5 s, idle 90 s) plus a handshake and a body tim
 are checked by one sweep per server instead of a timer per request.
 
 Entry points: `Server` (async, for a running loop), `ServerThread` (its own loop in a
-thread: tests and the agent) and `run` (blocking, signals, optional SO_REUSEPORT workers).
+thread: tests and the agent) and `run` (blocking, signals; with `workers > 1` the
+SO_REUSEPORT process supervisor in kes/workers.py forks and watches the workers).
 """
 
 from __future__ import annotations
@@ -26,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import datetime as dt
 import logging
 import os
@@ -39,13 +47,15 @@ from email.utils import formatdate
 from types import TracebackType
 from typing import Any, TypedDict, Unpack, cast
 
+from cryptography import x509
 from OpenSSL import SSL
 
 from bootkey_core.errors import BootkeyError
-from kes import http1, tls_session
+from kes import http1, http2, tls_session
+from kes import workers as workers_
 from kes.identity import of_certificate
 from kes.messages import MAX_BODY, Handler, Request, Response
-from kes.tls_context import CertSource, TLSConfig, build_context, renewal_delay
+from kes.tls_context import ALPN_H2, CertSource, TLSConfig, build_context, renewal_delay
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +142,88 @@ def _handler_failed(request: Request) -> Response:
     return Response(500, _INTERNAL_ERROR)
 
 
-class _Connection(asyncio.Protocol):
+def _run_eagerly(handler: Handler, request: Request) -> Response | _Resume:
+    """Run the handler up to its first real suspension: its `Response` if it finished
+    (the usual cached-key generate/decrypt, answered without a Task), else the `_Resume`
+    a Task awaits to carry it on from where it stopped."""
+    coro = handler(request)
+    try:
+        first = coro.send(None)
+    except StopIteration as done:
+        response: Response = done.value
+        return response
+    except Exception:
+        return _handler_failed(request)
+    return _Resume(coro, first)
+
+
+async def _outcome(pending: _Resume, request: Request) -> Response:
+    """The response of a handler that suspended: its own, or 500 if it raised."""
+    try:
+        return await pending
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        return _handler_failed(request)
+
+
+class _TLSConnection(asyncio.Protocol):
+    """What the HTTP/1.1 and the HTTP/2 connection do alike with their TLS session:
+    read plaintext, close with close_notify, abort."""
+
+    _tls: tls_session.Session
+    _transport: asyncio.Transport | None
+    _closed: bool
+    deadline: float | None
+    remote: str
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _on_peer_closed(self) -> None:
+        raise NotImplementedError
+
+    def _read_plain(self) -> bytes:
+        """Up to one record of plaintext; b"" when none is buffered, or when the peer sent
+        close_notify or a TLS error ended the connection (then handled here)."""
+        try:
+            plain = self._tls.read()
+        except SSL.Error as exc:
+            log.debug("kes: TLS error from %s: %s", self.remote, exc)
+            self._flush()
+            self._abort_after_flush()
+            return b""
+        if plain is None:  # close_notify
+            self._on_peer_closed()
+            return b""
+        return plain
+
+    def _close(self) -> None:
+        """Orderly close: close_notify, flush, FIN after the buffered data is written."""
+        if self._closed:
+            return
+        self._closed = True
+        self.deadline = None
+        with contextlib.suppress(SSL.Error):
+            self._tls.conn.shutdown()
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort_after_flush(self) -> None:
+        self._closed = True
+        self.deadline = None
+        if self._transport is not None:
+            self._transport.close()  # close() still writes the alert already queued
+
+    def _abort(self) -> None:
+        self._closed = True
+        self.deadline = None
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class _Connection(_TLSConnection):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = server.loop
@@ -226,6 +317,9 @@ class _Connection(asyncio.Protocol):
             self._flush()
             return False
         cert = tls.conn.get_peer_certificate(as_cryptography=True)
+        if tls.conn.get_alpn_proto_negotiated() == ALPN_H2:
+            self._switch_to_h2(cert)
+            return False
         self._parser = http1.RequestParser(
             identity=of_certificate(cert) if cert is not None else None,
             peer_cert=cert,
@@ -236,21 +330,26 @@ class _Connection(asyncio.Protocol):
         self._set_state(http1.State.IDLE)
         return True
 
+    def _switch_to_h2(self, cert: x509.Certificate | None) -> None:
+        """Hand the socket and the TLS session to an `_H2Connection`; this object is done."""
+        self._closed = True
+        self.deadline = None
+        self._server.connections.discard(self)
+        transport = self._transport
+        assert transport is not None  # noqa: S101 - set in connection_made
+        conn = _H2Connection(self._server, self._tls, transport, self.remote, cert)
+        transport.set_protocol(conn)
+        conn.start()
+
     def _pump_in(self) -> None:
         """Feed decrypted bytes to the parser until OpenSSL has no more or the pipeline is full."""
-        tls, parser, pending = self._tls, self._parser, self._pending
+        parser, pending = self._parser, self._pending
         assert parser is not None  # noqa: S101 - only called after the handshake
         while len(pending) < MAX_PIPELINED:
-            try:
-                plain = tls.read()
-            except SSL.Error as exc:
-                log.debug("kes: TLS error from %s: %s", self.remote, exc)
-                self._flush()
-                self._abort_after_flush()
-                return
+            plain = self._read_plain()
             if not plain:
-                if plain is None:  # close_notify
-                    self._on_peer_closed()
+                if self._closed:
+                    return
                 break
             events = parser.feed(plain)
             if events:
@@ -401,16 +500,9 @@ class _Connection(asyncio.Protocol):
         """Answer `event` at once if its handler finishes without suspending (the usual
         cached-key generate/decrypt); otherwise return the Task that carries it on from
         where it stopped."""
-        request = event.request
-        coro = self._server.handler(request)
-        try:
-            first = coro.send(None)
-        except StopIteration as done:
-            response: Response = done.value
-        except Exception:
-            response = _handler_failed(request)
-        else:
-            return self._loop.create_task(self._finish(event, _Resume(coro, first)))
+        response = _run_eagerly(self._server.handler, event.request)
+        if isinstance(response, _Resume):
+            return self._loop.create_task(self._finish(event, response))
         if response.stream is not None:
             return self._loop.create_task(self._stream(event, response))
         self._answer(event, response)
@@ -441,13 +533,7 @@ class _Connection(asyncio.Protocol):
             self._serve_pending()
 
     async def _finish(self, event: http1.Parsed, pending: _Resume) -> None:
-        request = event.request
-        try:
-            response = await pending
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            response = _handler_failed(request)
+        response = await _outcome(pending, event.request)
         if response.stream is not None:
             await self._stream(event, response)
         else:
@@ -521,31 +607,250 @@ class _Connection(asyncio.Protocol):
         if not keep_alive:
             self._close()
 
-    # Closing -------------------------------------------------------------------------
+class _H2Connection(_TLSConnection):
+    """A connection whose TLS handshake chose ALPN `h2` (`_Connection` hands it the socket
+    and the TLS session). Streams are multiplexed: every request runs its handler the
+    same eager way as over HTTP/1.1, and one that suspends gets its own Task, so a slow
+    call does not hold up the others. The framing is kes/http2.py.
 
-    def _close(self) -> None:
-        """Orderly close: close_notify, flush, FIN after the buffered data is written."""
+    Timeouts: the header timeout until the client's first bytes (the connection preface),
+    the body timeout while a request body is incomplete, the idle timeout while no stream
+    is open; none while a handler runs. On shutdown the client gets GOAWAY(NO_ERROR), the
+    streams in flight are answered, then the connection closes."""
+
+    def __init__(self, server: Server, tls: tls_session.Session, transport: asyncio.Transport,
+                 remote: str, cert: x509.Certificate | None) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._tls = tls
+        self._transport: asyncio.Transport | None = transport
+        self.remote = remote
+        self._h2 = http2.Connection(
+            identity=of_certificate(cert) if cert is not None else None,
+            peer_cert=cert, remote=remote, max_body=server.max_body,
+        )
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._streaming: set[int] = set()
+        self._wakeup: asyncio.Future[None] | None = None  # a stream waits for window/drain
+        self._write_paused = False
+        self._flush_queued = False
+        self._closed = False
+        self._close_when_idle = False
+        self.deadline: float | None = self._loop.time() + server.header_timeout
+
+    def start(self) -> None:
+        self._server.connections.add(self)
+        # Our SETTINGS, and the handshake's last flight (TLS 1.2: the server's Finished,
+        # which the client waits for before it sends its preface).
+        self._flush()
+        self._pump_in()  # TLS 1.3: the preface often arrives with the client's Finished
+
+    # asyncio callbacks ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        self._closed = True
-        self.deadline = None
-        with contextlib.suppress(SSL.Error):
-            self._tls.conn.shutdown()
-        self._flush()
-        if self._transport is not None:
-            self._transport.close()
+        self._tls.feed(data)
+        self._pump_in()
 
-    def _abort_after_flush(self) -> None:
-        self._closed = True
-        self.deadline = None
-        if self._transport is not None:
-            self._transport.close()  # close() still writes the alert already queued
+    def eof_received(self) -> bool:
+        self._on_peer_closed()
+        return True
 
-    def _abort(self) -> None:
+    # A client that does not read its answers has at most MAX_CONCURRENT_STREAMS of them
+    # waiting (it may open no more streams until it has seen their ends), so only the
+    # streamed responses need to wait for the socket.
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.deadline = None
-        if self._transport is not None:
-            self._transport.abort()
+        self._server.connections.discard(self)
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._wake()
+
+    # Input ---------------------------------------------------------------------------
+
+    def _pump_in(self) -> None:
+        framing = self._h2
+        got = False
+        while not self._closed:
+            plain = self._read_plain()
+            if not plain:
+                break
+            got = True
+            try:
+                events = framing.feed(plain)
+            except http2.ConnectionError_ as exc:
+                log.info("kes: closing HTTP/2 connection from %s: %s", self.remote, exc)
+                for task in list(self._tasks.values()):
+                    task.cancel()
+                self._close()
+                return
+            for event in events:
+                if isinstance(event, http2.Dispatch):
+                    self._dispatch(event.stream_id, event.request)
+                elif isinstance(event, http2.Cancel):
+                    cancelled = self._tasks.get(event.stream_id)
+                    if cancelled is not None:
+                        cancelled.cancel()
+                else:
+                    self._wake()
+        if self._closed:
+            return
+        if got:
+            self._flush_soon()  # SETTINGS/PING acks and WINDOW_UPDATEs, answers
+            self._set_deadline()
+        if framing.peer_gone and not self._tasks:
+            self._close()
+
+    def _set_deadline(self) -> None:
+        server = self._server
+        if self._tasks or self._h2.blocked:
+            self.deadline = None
+        elif self._h2.receiving:
+            self.deadline = self._loop.time() + server.body_timeout
+        else:
+            self.deadline = self._loop.time() + server.idle_timeout
+
+    def check_deadline(self, now: float) -> None:
+        if self.deadline is None or now < self.deadline or self._closed:
+            return
+        if self._h2.receiving:
+            log.debug("kes: HTTP/2 body timeout from %s", self.remote)
+        self._h2.goaway()
+        self._close()
+
+    def _on_peer_closed(self) -> None:
+        for sid in list(self._streaming):
+            self._tasks[sid].cancel()  # a log stream ends when its client goes away
+        if not self._tasks:
+            self._close()
+        else:
+            self._close_when_idle = True
+
+    def close_soon(self) -> None:
+        """Server shutdown: GOAWAY now; close once the streams in flight are answered."""
+        self._close_when_idle = True
+        self._h2.goaway()
+        for sid in list(self._streaming):
+            self._tasks[sid].cancel()
+        if not self._tasks:
+            self._close()
+        else:
+            self._flush()
+
+    # Serving -------------------------------------------------------------------------
+
+    def _dispatch(self, sid: int, request: Request) -> None:
+        response = _run_eagerly(self._server.handler, request)
+        if isinstance(response, _Resume):
+            self._track(sid, self._finish(sid, request, response))
+            return
+        if response.stream is not None:
+            self._track(sid, self._stream(sid, response))
+        else:
+            self._answer(sid, request, response)
+
+    def _track(self, sid: int, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks[sid] = task
+        task.add_done_callback(lambda t: self._task_done(sid, t))
+
+    def _task_done(self, sid: int, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(sid, None)
+        self._streaming.discard(sid)
+        if self._closed:
+            return
+        if task.cancelled():
+            if self._close_when_idle:
+                self._h2.cancel(sid)  # a log stream cut by shutdown
+        elif (exc := task.exception()) is not None:
+            log.error("kes: stream %d from %s failed", sid, self.remote, exc_info=exc)
+            self._h2.cancel(sid)
+        self._flush_soon()
+        if not self._tasks and (self._close_when_idle or self._h2.peer_gone):
+            self._close()
+        else:
+            self._set_deadline()
+
+    async def _finish(self, sid: int, request: Request, pending: _Resume) -> None:
+        response = await _outcome(pending, request)
+        if response.stream is not None:
+            await self._stream(sid, response)
+        else:
+            self._answer(sid, request, response)
+
+    def _answer(self, sid: int, request: Request, response: Response) -> None:
+        self._h2.respond(sid, response.status, response.content_type, response.body,
+                         response.headers, date=_date.get(),
+                         head_only=request.method == "HEAD")
+
+    async def _stream(self, sid: int, response: Response) -> None:
+        stream = response.stream
+        assert stream is not None  # noqa: S101
+        framing = self._h2
+        self._streaming.add(sid)
+        try:
+            if not framing.start_stream(sid, response.status, response.content_type,
+                                        response.headers, date=_date.get()):
+                return
+            self._flush()
+            async for piece in stream:
+                if self._closed:
+                    return
+                framing.send_piece(sid, piece)
+                self._flush()
+                while not self._closed and (self._write_paused or framing.stream_blocked(sid)):
+                    # Backpressure: the socket's buffer or the client's window is full.
+                    self._wakeup = self._wakeup or self._loop.create_future()
+                    await self._wakeup
+            framing.end_stream(sid)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    # Output and closing --------------------------------------------------------------
+
+    def _flush(self) -> None:
+        out = self._h2.data_to_send()
+        if out:
+            self._tls.write(out)
+        data = self._tls.take()
+        transport = self._transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _flush_soon(self) -> None:
+        if not self._flush_queued:
+            self._flush_queued = True
+            self._server.flush_soon(self)
+
+    def flush_queued(self) -> None:
+        self._flush_queued = False
+        if not self._closed:
+            self._flush()
+
+    def _close(self) -> None:
+        """GOAWAY (if not sent yet), then as any TLS connection."""
+        if not self._closed:
+            self._h2.goaway()
+            out = self._h2.data_to_send()
+            if out:
+                self._tls.write(out)  # before close_notify, after which OpenSSL writes nothing
+            super()._close()
 
 
 class Server:
@@ -586,8 +891,8 @@ class Server:
         self.body_timeout = body_timeout
         self.shutdown_grace = shutdown_grace
         self.max_body = max_body
-        self.connections: set[_Connection] = set()
-        self._flush_queue: list[_Connection] = []
+        self.connections: set[_Connection | _H2Connection] = set()
+        self._flush_queue: list[_Connection | _H2Connection] = []
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         # The sweep period bounds how late a timeout fires: a quarter of the shortest one.
@@ -650,7 +955,7 @@ class Server:
         """The bound port (still readable after close, for messages and tests)."""
         return self._port
 
-    def flush_soon(self, conn: _Connection) -> None:
+    def flush_soon(self, conn: _Connection | _H2Connection) -> None:
         """Flush `conn` once the loop has run this iteration's I/O callbacks."""
         queue = self._flush_queue
         if not queue:
@@ -766,29 +1071,7 @@ class ServerThread:
         await self.server.close()
 
 
-# Blocking entry point with workers ------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(0)
-
-
-def _listener(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+# Blocking entry point ---------------------------------------------------------------
 
 
 async def _serve_until_signal(
@@ -830,14 +1113,11 @@ def run(
     """Serve until SIGTERM or SIGINT; call it from the main thread (signal handling, and
     PR_SET_PDEATHSIG fires when the forking *thread* ends).
 
-    With `workers > 1` the parent builds the SSL context and all listening sockets
-    (SO_REUSEPORT, same port), forks one worker per socket and only supervises: it
-    forwards SIGTERM/SIGINT as SIGTERM, and if a worker dies it stops the others and
-    raises. Workers die with the parent (PR_SET_PDEATHSIG). Anything the handler holds
+    With `workers > 1` the parent builds the SSL context, then `kes.workers` binds the
+    SO_REUSEPORT sockets, forks one worker per socket and supervises them (signal
+    forwarding, SIGHUP for reload, a dead worker stops all). Anything the handler holds
     that cannot survive fork (threads, open connections) must be created lazily, in the
-    worker. If the caller installed a SIGHUP handler (config reload), the parent forwards
-    SIGHUP to the workers, so that `kill -HUP <main pid>` (systemd's ExecReload) reaches
-    the processes that serve; the parent itself does not run the handler.
+    worker.
 
     `ready(port)`, if given, is called once everything listens. With `cert_source` each
     worker renews on its own (see `Server`); after a renewal the workers' session-ticket
@@ -857,89 +1137,7 @@ def run(
 
     if workers <= 1:
         server = make_server()
-        _serve_in_process(server, _listener(host, port, reuse_port=False), ready)
+        _serve_in_process(server, workers_.listener(host, port, reuse_port=False), ready)
         return
-
-    socks = [_listener(host, port, reuse_port=True)]
-    bound = socks[0].getsockname()[1]
-    socks += [_listener(host, bound, reuse_port=True) for _ in range(workers - 1)]
-    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
-    if callable(signal.getsignal(signal.SIGHUP)):
-        watched.add(signal.SIGHUP)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    parent = os.getpid()
-    children: dict[int, int] = {}
-    try:
-        for i, sock in enumerate(socks):
-            pid = os.fork()
-            if pid == 0:  # worker
-                code = 0
-                try:
-                    _die_with_parent(parent)
-                    for other in socks:
-                        if other is not sock:
-                            other.close()
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                    _serve_in_process(make_server(), sock)
-                except BaseException:  # a worker must not return into run()'s caller
-                    log.exception("kes: worker %d failed", i)
-                    code = 1
-                finally:
-                    logging.shutdown()
-                    os._exit(code)
-            children[pid] = i
-        for sock in socks:
-            sock.close()
-        if ready is not None:
-            ready(bound)
-        _supervise(children, watched)
-    finally:
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
-def _supervise(children: dict[int, int], watched: set[signal.Signals]) -> None:
-    """Wait for a stop signal or a dead worker, passing SIGHUP on; then stop all workers
-    and reap them. Entries are removed from `children` as they are reaped."""
-    failed = False
-    while True:
-        info = signal.sigwaitinfo(watched)
-        if info.si_signo == signal.SIGHUP:
-            for pid in children:
-                os.kill(pid, signal.SIGHUP)
-            continue
-        if info.si_signo != signal.SIGCHLD:
-            break
-        if _reap(children):
-            failed = True
-            break
-    for pid in children:
-        os.kill(pid, signal.SIGTERM)
-    give_up = time.monotonic() + SHUTDOWN_GRACE + 5.0
-    while children and time.monotonic() < give_up:
-        signal.sigtimedwait({signal.SIGCHLD}, 0.1)
-        _reap(children)
-    if failed:
-        raise RuntimeError("kes: a worker process exited unexpectedly; all workers stopped")
-
-
-def _reap(children: dict[int, int]) -> bool:
-    """Collect exited workers; True if any did."""
-    any_exited = False
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            children.clear()
-            return True
-        if pid == 0:
-            break
-        if children.pop(pid, None) is not None:
-            any_exited = True
-            log.info("kes: worker %d exited with status %d", pid, os.waitstatus_to_exitcode(status))
-    return any_exited
+    workers_.run(lambda sock: _serve_in_process(make_server(), sock), host, port, workers,
+                 ready=ready, grace=timeouts.get("shutdown_grace", SHUTDOWN_GRACE))

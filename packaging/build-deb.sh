@@ -95,6 +95,14 @@ if [ -f "$REPO/systemd/bootkey.tmpfiles" ]; then
   install -D -m 0644 "$REPO/systemd/bootkey.tmpfiles" "$W/root/usr/lib/tmpfiles.d/bootkey.conf"
 fi
 
+# dracut module: opens the root volume in the initrd (docs/initrd.md)
+DRACUT=$W/root/usr/lib/dracut/modules.d/90bootkey
+install -d "$DRACUT"
+install -m 0755 "$REPO"/packaging/dracut/90bootkey/module-setup.sh \
+  "$REPO"/packaging/dracut/90bootkey/bootkey-initrd "$DRACUT/"
+install -m 0644 "$REPO"/packaging/dracut/90bootkey/bootkey-initrd.socket \
+  "$REPO"/packaging/dracut/90bootkey/bootkey-initrd.service "$DRACUT/"
+
 install -d -m 0700 "$W/root/etc/bootkey"
 install -m 0644 "$REPO/packaging/bootkey.toml.example" "$W/root/etc/bootkey/bootkey.toml.example"
 

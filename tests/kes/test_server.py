@@ -21,8 +21,8 @@ from bootkey_core.errors import ConfigError
 from kes.identity import of_certificate
 from kes.messages import MAX_BODY, Request, Response
 from kes.server import ServerThread
-from kes.tls_context import TLSConfig
-from tests.kes.server_util import Pki, Reader, Recorder, connect, request, wait_for
+from kes.tls_context import TLSConfig, build_context
+from tests.kes.server_util import Pki, Reader, Recorder, connect, log_stream, request, wait_for
 from tests.support.certs import make_ca, make_leaf
 
 
@@ -47,7 +47,7 @@ def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.Abstrac
     if request.param == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
+        return uvloop.new_event_loop
     return asyncio.new_event_loop
 
 
@@ -147,9 +147,24 @@ def test_tls_1_1_is_refused(pki: Pki, server: ServerThread, client_ctx: ssl.SSLC
         connect(server.port, ctx).close()
 
 
-def test_alpn_picks_http11_when_go_offers_h2_first(pki: Pki, server: ServerThread) -> None:
+@pytest.mark.parametrize(("offered", "chosen"), [
+    (["h2", "http/1.1"], "h2"),  # Go with ForceAttemptHTTP2, curl: as KES, h2
+    (["http/1.1"], "http/1.1"),
+    (["h2"], "h2"),
+    (None, None),  # no ALPN at all: HTTP/1.1 (every other test here speaks it so)
+])
+def test_alpn_picks_h2_when_offered_else_http11(pki: Pki, server: ServerThread,
+                                                 offered: list[str] | None,
+                                                 chosen: str | None) -> None:
     client = make_leaf(None, "go", kind="ed25519", client=True)
-    with connect(server.port, pki.client_context(client, alpn=["h2", "http/1.1"])) as s:
+    with connect(server.port, pki.client_context(client, alpn=offered)) as s:
+        assert s.selected_alpn_protocol() == chosen
+
+
+def test_http11_only_context_never_picks_h2(pki: Pki) -> None:
+    client = make_leaf(None, "go", kind="ed25519", client=True)
+    with ServerThread(Recorder(), build_context(pki.tls(), http2=False)) as st, \
+            connect(st.port, pki.client_context(client, alpn=["h2", "http/1.1"])) as s:
         assert s.selected_alpn_protocol() == "http/1.1"
 
 
@@ -174,8 +189,9 @@ def test_curl_with_client_certificate(pki: Pki, server: ServerThread, recorder: 
     client = make_leaf(None, "curl", kind="ed25519", client=True)
     cert, key = pki.write_client(client, "curl")
     out = subprocess.run(
-        ["curl", "-sS", "--fail-with-body", "--cacert", str(pki.ca_file), "--cert", str(cert),
-         "--key", str(key), "-H", "Transfer-Encoding: chunked", "--data-binary", "@-",
+        ["curl", "-sS", "--http1.1", "--fail-with-body", "--cacert", str(pki.ca_file),
+         "--cert", str(cert), "--key", str(key), "-H", "Transfer-Encoding: chunked",
+         "--data-binary", "@-",
          f"https://127.0.0.1:{server.port}/v1/key/decrypt/k"],
         input=b'{"ciphertext":"abc"}', capture_output=True, timeout=30, check=True,
     )
@@ -363,19 +379,9 @@ def test_streaming_response_ends_when_the_client_disconnects(
     pki: Pki, client_ctx: ssl.SSLContext
 ) -> None:
     ended: list[bool] = []
-    more = asyncio.Event()
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            for i in range(3):
-                yield b'{"event":%d}\n' % i
-            await more.wait()  # a log stream blocks until something happens
-            yield b"never"
-        finally:
-            ended.append(True)
 
     async def handler(request: Request) -> Response:
-        return Response(200, stream=events())
+        return Response(200, stream=log_stream(ended))
 
     with ServerThread(handler, pki.tls()) as st:
         with connect(st.port, client_ctx) as s:
@@ -438,7 +444,8 @@ def test_stream_that_never_suspends_is_held_back_by_a_slow_client(
         # Read nothing until the server either waits for the client to drain or has
         # produced the whole stream (which it must not: that is 50 MiB in its buffers).
         wait_for(lambda: len(buffered) == count or any(
-            c._drain is not None for c in st.server.connections), what="stream to stall")
+            getattr(c, "_drain", None) is not None for c in st.server.connections),
+            what="stream to stall")
         reply = Reader(s).response()
     assert len(reply.body) == count * len(piece)
     assert len(buffered) == count

@@ -114,7 +114,7 @@ def _pid_of_answer(port: int, ctx: ssl.SSLContext,
         pid = Reader(s).response().json()["pid"]
         assert isinstance(pid, int)
         assert s.session is not None
-        return pid, s.session_reused, s.session
+        return pid, bool(s.session_reused), s.session
 
 
 def test_two_workers_serve_share_tickets_and_stop_on_sigterm(

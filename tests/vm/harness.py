@@ -230,8 +230,8 @@ def _gzip(data: bytes) -> bytes:
 # --- base rootfs (debootstrap) ----------------------------------------------------------
 
 
-def base_rootfs() -> Path:
-    key = _sha(SUITE, MIRROR, *sorted(BASE_PACKAGES))
+def base_rootfs(packages: Sequence[str] = BASE_PACKAGES) -> Path:
+    key = _sha(SUITE, MIRROR, *sorted(packages))
     dest = cache_dir() / f"base-{key}"
     with _locked("base"):
         if (dest / "done").exists():
@@ -239,7 +239,7 @@ def base_rootfs() -> Path:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir()
         _run(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+            ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
              SUITE, str(dest / "rootfs"), MIRROR],
             timeout=900,
         )
@@ -261,6 +261,25 @@ class ImageSpec:
     files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)
     enable: Sequence[str] = ()
     mask: Sequence[str] = ()
+    packages: Sequence[str] = BASE_PACKAGES
+
+
+def populate(root: Path, spec: ImageSpec) -> None:
+    """Write the harness's and `spec`'s files into a copied rootfs; enable and mask units."""
+    files = {**_harness_files(), **spec.files}
+    for path, (content, mode) in files.items():
+        dst = root / path.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists() or dst.is_symlink():
+            dst.chmod(0o600)
+            dst.unlink()
+        dst.write_bytes(content)
+        dst.chmod(mode)
+    enable = ["systemd-networkd.service", "vmtest-setup.service", "vmtest.service",
+              *spec.enable]
+    _run(["systemctl", f"--root={root}", "enable", *enable], timeout=60)
+    mask = [*UNNEEDED_UNITS, *spec.mask]
+    _run(["systemctl", f"--root={root}", "mask", *mask], timeout=60)
 
 
 def _harness_files() -> dict[str, tuple[bytes, int]]:
@@ -278,11 +297,11 @@ def _harness_files() -> dict[str, tuple[bytes, int]]:
     }
 
 
-def installed_rootfs(deb: Path | None) -> Path:
+def installed_rootfs(deb: Path | None, packages: Sequence[str] = BASE_PACKAGES) -> Path:
     """base + the kernel's modules + `dpkg -i` of the .deb, cached by the .deb's hash (the
     images of all scenarios share it; only their files differ)."""
     k = kernel()
-    base = base_rootfs()
+    base = base_rootfs(packages)
     key = _sha(RECIPE, base.parent.name, k.version, _file_sha(deb) if deb else "no-deb")
     dest = cache_dir() / f"installed-{key}"
     with _locked("installed"):
@@ -310,7 +329,7 @@ def installed_rootfs(deb: Path | None) -> Path:
 
 def image(spec: ImageSpec) -> Path:
     """The raw root image for `spec` (built, or taken from the cache)."""
-    installed = installed_rootfs(spec.deb)
+    installed = installed_rootfs(spec.deb, spec.packages)
     files = {**_harness_files(), **spec.files}
     parts: list[bytes | str] = [RECIPE, installed.parent.name]
     for path in sorted(files):
@@ -330,19 +349,7 @@ def image(spec: ImageSpec) -> Path:
         root = stage / "rootfs"
         stage.mkdir()
         _run(["cp", "-a", "--reflink=auto", str(installed), str(root)], timeout=300)
-        for path, (content, mode) in files.items():
-            dst = root / path.lstrip("/")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.exists() or dst.is_symlink():
-                dst.chmod(0o600)
-                dst.unlink()
-            dst.write_bytes(content)
-            dst.chmod(mode)
-        enable = ["systemd-networkd.service", "vmtest-setup.service", "vmtest.service",
-                  *spec.enable]
-        _run(["systemctl", f"--root={root}", "enable", *enable], timeout=60)
-        mask = [*UNNEEDED_UNITS, *spec.mask]
-        _run(["systemctl", f"--root={root}", "mask", *mask], timeout=60)
+        populate(root, spec)
         raw = stage / "root.img"
         _run(["truncate", "-s", IMAGE_SIZE, str(raw)], timeout=30)
         _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw)], timeout=600)
@@ -494,6 +501,7 @@ class VM:
         smp: int = 2,
         timeout: float = BOOT_TIMEOUT,
         overlay: Path | None = None,
+        cmdline: str = "",
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -505,6 +513,7 @@ class VM:
         self.disks = list(disks)
         self.vault_port = vault_port
         self.memory_mb, self.smp, self.timeout = memory_mb, smp, timeout
+        self.cmdline = cmdline  # appended to the kernel command line
         self.console_path = workdir / "console.log"
         self.qmp_path = workdir / "qmp.sock"
         self.out_disk = workdir / "bkout.img"
@@ -528,7 +537,8 @@ class VM:
             "-serial", f"file:{self.console_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initrd),
-            "-append", "console=ttyS0 panic=-1 rw loglevel=4 systemd.show_status=1",
+            "-append", " ".join(("console=ttyS0 panic=-1 rw loglevel=4 systemd.show_status=1",
+                                 self.cmdline)).strip(),
             "-drive", f"file={self.overlay},if=none,id=root,format=qcow2",
             "-device", "virtio-blk-pci,drive=root,serial=bkroot",
             "-netdev", net, "-device", "virtio-net-pci,netdev=n0",

@@ -1,0 +1,278 @@
+"""The root volume in the initrd: what dracut's `90bootkey` module installs and runs.
+
+Key delivery is the crypttab key socket, served inside the initrd by this same code and
+Vault session (not a shell client). Why not answer systemd's ask-password requests: the
+password-agent reply is a NUL-separated list of C strings (systemd splits it with
+strv_parse_nulstr and passes strlen() to libcryptsetup), while bootkey's volume keys are
+64 random bytes — about one in five holds a NUL and could never be delivered. The key
+socket passes bytes verbatim. A console passphrase still works: when the socket declines
+(Vault unreachable within `[keysocket] timeout`, key revoked) systemd-cryptsetup asks
+through the usual agents (console, plymouth); see docs/initrd.md.
+
+Nothing here writes to /run: the key lives in a SecretBuffer for the one connection and
+the socket file goes with the socket unit (RemoveOnStop) before switch-root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootkey import askpassword, unlock
+from bootkey import config as config_mod
+from bootkey.config import Config, KeysocketConfig
+from bootkey.keysocket import KeySocketServer
+from bootkey.unlock import Volume
+from bootkey.vault import VaultSession
+from bootkey_core.errors import BootkeyError, DeadlineExceeded
+from bootkey_core.secret import SecretBuffer
+
+log = logging.getLogger(__name__)
+
+# The initrd's key socket: apart from the booted system's /run/bootkey/cryptsetup.sock,
+# so the agent after switch-root never finds a stale socket of ours in its place.
+SOCKET_PATH = Path("/run/bootkey/initrd.sock")
+DEFAULT_CONFIG = Path("/etc/bootkey/bootkey.toml")
+# Where the dracut module puts the encrypted secret_id credential (systemd-creds), and
+# the credential name the initrd unit loads it as.
+CREDSTORE = Path("/etc/credstore.encrypted")
+# Modules the key socket path imports, lazily included: hvac/requests resolve these on
+# the first request, after every import has run.
+_LAZY_MODULES = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "systemd.journal",
+                 "concurrent.futures.thread", "http.client", "email.parser", "json.decoder")
+
+
+# --- what the operator sets -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RootSetup:
+    """The lines `bootkey initrd` prints for one volume."""
+
+    crypttab: str
+    dracut_conf: str
+    kernel_cmdline: str
+
+
+def root_setup(name: str, luks_uuid: str, *, ip: str = "dhcp") -> RootSetup:
+    # password-cache=no: a passphrase typed at the fallback prompt is not kept in the
+    # kernel keyring. No headless=: the prompt is the way in when Vault is away.
+    crypttab = f"{name}  UUID={luks_uuid}  {SOCKET_PATH}  luks,x-initrd.attach,password-cache=no"
+    dracut_conf = 'add_dracutmodules+=" bootkey "\n'
+    cmdline = f"root=/dev/mapper/{name} rd.neednet=1 ip={ip}"
+    return RootSetup(crypttab, dracut_conf, cmdline)
+
+
+def secret_id_sealing(cfg: Config, credstore: Path = CREDSTORE) -> str:
+    """How the secret_id the initrd carries is protected, in one line (for `bootkey
+    doctor` and `bootkey initrd`). Starts with "sealed" only when a TPM2/host-key
+    encrypted credential is configured and present."""
+    ar = cfg.vault.approle
+    if ar.secret_id_credential:
+        cred = credstore / ar.secret_id_credential
+        if cred.is_file():
+            return f"sealed: systemd-creds credential {cred} (decrypted at boot only)"
+        return (f"unsealed: credential {ar.secret_id_credential!r} is not in {credstore} — "
+                f"`systemd-creds encrypt --with-key=tpm2 --name={ar.secret_id_credential} "
+                f"- {cred}`")
+    if ar.wrapped_secret_id_file:
+        return (f"unsealed: wrapped secret_id {ar.wrapped_secret_id_file} is single-use, "
+                "but anyone with the disk can unwrap it first")
+    return (f"unsealed: {ar.secret_id_file} is readable by anyone holding the disk — seal "
+            "it with systemd-creds (TPM2), bind it with secret_id_bound_cidrs, revoke it "
+            "if the machine is lost")
+
+
+# --- what the initrd needs ------------------------------------------------------------
+
+
+def config_files(cfg: Config, config_path: Path) -> list[Path]:
+    """The files the key socket reads at boot besides code: config, CA, role/secret ids."""
+    ar = cfg.vault.approle
+    out = [config_path]
+    for p in (cfg.vault.ca_file, ar.role_id_file, ar.wrapped_secret_id_file):
+        if p is not None:
+            out.append(p)
+    if ar.secret_id_credential:
+        out.append(CREDSTORE / ar.secret_id_credential)
+    elif ar.secret_id_file is not None:
+        out.append(ar.secret_id_file)
+    return out
+
+
+def module_files(modules: Mapping[str, object]) -> list[str]:
+    """Source and cached bytecode files of the loaded `modules` (sys.modules): exactly
+    what the key socket imports, never a whole site-packages."""
+    out: set[str] = set()
+    for mod in list(modules.values()):
+        f = getattr(mod, "__file__", None)
+        if not f or not os.path.isfile(f):
+            continue
+        out.add(f)
+        if f.endswith(".py"):
+            spec = getattr(mod, "__spec__", None)
+            cached = getattr(spec, "cached", None) if spec else None
+            if cached and os.path.isfile(cached):
+                out.add(cached)
+    return sorted(out)
+
+
+def runtime_files(config_path: Path) -> list[str]:
+    """Everything the dracut module copies besides the interpreter: the modules the key
+    socket path imports (imported here, in this process), then the config files."""
+    import importlib
+
+    for name in _LAZY_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+    cfg = config_mod.load(config_path)
+    VaultSession.from_config(cfg)  # builds the hvac clients: their lazy imports too
+    files = module_files(sys.modules)
+    files += [str(p) for p in config_files(cfg, config_path) if p.exists()]
+    return files
+
+
+# --- the key socket in the initrd -----------------------------------------------------
+
+
+class InitrdKeys:
+    """The key provider: one Vault session, logged in on the first request. While it
+    waits for Vault it also asks on the console (systemd's password agents), and
+    whichever answers first is sent: a passphrase typed at once is never held up."""
+
+    def __init__(self, cfg: Config, ask_dir: Path = askpassword.ASK_DIR) -> None:
+        self.cfg = cfg
+        self.ask_dir = ask_dir
+        self._closing = threading.Event()
+        self.session = VaultSession.from_config(cfg, sleep=self._sleep)
+        self._lock = threading.Lock()
+        self._volumes: dict[str, Volume] = {}
+
+    def _sleep(self, seconds: float) -> None:
+        # Vault retries end when the initrd service stops, not at their deadline.
+        if self._closing.wait(seconds):
+            raise DeadlineExceeded("the initrd key service is stopping")
+
+    def close(self) -> None:
+        self._closing.set()
+
+    def _volume(self, name: str) -> Volume | None:
+        with self._lock:
+            if name not in self._volumes:
+                vols, _ = unlock.resolve_volumes(self.cfg)
+                self._volumes = {v.name: v for v in vols}
+            return self._volumes.get(name)
+
+    def is_managed(self, name: str) -> bool:
+        return self._volume(name) is not None
+
+    def vault_key(self, vol: Volume, deadline: float) -> SecretBuffer | None:
+        try:
+            with self._lock:
+                if not self.session.logged_in:
+                    self.session.login(max(0.0, deadline - time.monotonic()))
+            return unlock.key_for_volume(self.session, vol, deadline)
+        except BootkeyError as e:
+            if self._closing.is_set():
+                return None
+            # stderr goes to the console too (StandardError=journal+console): the operator
+            # at the prompt reads why nobody typed for them.
+            print(f"bootkey: volume {vol.name}: no key from Vault: {e} — type the "
+                  "passphrase at the prompt", file=sys.stderr, flush=True)
+            return None
+
+    def key_for(self, volume: str, deadline: float) -> SecretBuffer | None:
+        vol = self._volume(volume)
+        if vol is None:
+            return None
+        race = _Race()
+        threading.Thread(target=lambda: race.offer_vault(self.vault_key(vol, deadline)),
+                         name=f"vault-{volume}", daemon=True).start()
+        typed: SecretBuffer | None = None
+        try:
+            with askpassword.PassphrasePrompt(
+                    f"Please enter passphrase for disk {volume} (bootkey is asking Vault):",
+                    f"cryptsetup:{vol.device}", self.ask_dir) as prompt:
+                typed = prompt.wait(deadline, race.vault_done)
+        except OSError as e:
+            log.warning("volume %s: no console prompt while waiting for Vault: %s", volume, e)
+        if typed is None:  # cancelled at the console, or no prompt: Vault alone now
+            race.vault_done.wait(max(0.0, deadline - time.monotonic()))
+        vault = race.close()
+        if typed is not None:
+            if vault is not None:
+                vault.close()
+            log.info("volume %s: sending the passphrase typed at the console", volume)
+            return typed
+        return vault
+
+
+class _Race:
+    """The Vault fetch's result, handed over once; a key that arrives after the decision
+    is wiped at once."""
+
+    def __init__(self) -> None:
+        self.vault_done = threading.Event()
+        self._lock = threading.Lock()
+        self._key: SecretBuffer | None = None
+        self._closed = False
+
+    def offer_vault(self, key: SecretBuffer | None) -> None:
+        with self._lock:
+            if self._closed:
+                if key is not None:
+                    key.close()
+                return
+            self._key = key
+        self.vault_done.set()
+
+    def close(self) -> SecretBuffer | None:
+        with self._lock:
+            self._closed = True
+            key, self._key = self._key, None
+            return key
+
+
+def serve(cfg: Config, stop: threading.Event, ask_dir: Path = askpassword.ASK_DIR) -> int:
+    keys = InitrdKeys(cfg, ask_dir)
+    sock_cfg = KeysocketConfig(path=SOCKET_PATH, timeout=cfg.keysocket.timeout)
+    try:
+        with KeySocketServer(sock_cfg, keys.key_for, keys.is_managed):
+            log.info("initrd: serving keys on %s", SOCKET_PATH)
+            stop.wait()
+    finally:
+        keys.close()
+    return 0
+
+
+def main(argv: Iterable[str] = ()) -> int:
+    """`bootkey-initrd [--list-files] [CONFIG]`, the initrd's entry point (no argparse or
+    CLI: only what unlocking imports ends up in the initrd)."""
+    args = list(argv)
+    list_files = "--list-files" in args
+    rest = [a for a in args if a != "--list-files"]
+    config_path = Path(rest[0]) if rest else DEFAULT_CONFIG
+    from bootkey import journal
+
+    journal.setup()
+    try:
+        if list_files:
+            sys.stdout.write("".join(f"{f}\n" for f in runtime_files(config_path)))
+            return 0
+        cfg = config_mod.load(config_path)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        return serve(cfg, stop)
+    except BootkeyError as e:
+        print(f"bootkey-initrd: {e}", file=sys.stderr)
+        return e.exit_code

@@ -1,0 +1,201 @@
+"""bootkey.initrd and `bootkey initrd`: what the operator sets, what the dracut module
+installs, and the initrd's key socket answering systemd-cryptsetup over a real socket.
+The boot itself is proven in tests/vm/test_initrd.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bootkey import cli, config, initrd
+from bootkey_core.secret import SecretBuffer
+from tests.support.bao import free_port
+from tests.support.luksimg import enroll_direct, make_image
+from tests.support.vaultenv import VaultEnv
+from tests.support.wait import wait_for
+from tests.test_askpassword import agent_reply
+from tests.test_keysocket import systemd_client
+
+MODULE_DIR = Path(__file__).resolve().parent.parent / "packaging/dracut/90bootkey"
+
+
+def test_root_setup_names_the_initrd_socket_and_keeps_the_prompt() -> None:
+    s = initrd.root_setup("root", "5c1e0a52-8d1b-4f7e-9a7b-0c3f2a1d9e01")
+    fields = s.crypttab.split()
+    assert fields[:3] == ["root", "UUID=5c1e0a52-8d1b-4f7e-9a7b-0c3f2a1d9e01",
+                          "/run/bootkey/initrd.sock"]
+    opts = fields[3].split(",")
+    assert "x-initrd.attach" in opts
+    # the console prompt must stay the way in when Vault is away
+    assert not any(o.startswith("headless") for o in opts)
+    assert "password-cache=no" in opts
+    assert s.kernel_cmdline == "root=/dev/mapper/root rd.neednet=1 ip=dhcp"
+    assert s.dracut_conf == 'add_dracutmodules+=" bootkey "\n'
+
+
+def test_the_module_finds_the_socket_path_it_is_given() -> None:
+    text = (MODULE_DIR / "module-setup.sh").read_text()
+    assert str(initrd.SOCKET_PATH).replace(".", "\\.") in text
+    assert f"ListenStream={initrd.SOCKET_PATH}" in (MODULE_DIR / "bootkey-initrd.socket"
+                                                    ).read_text()
+    subprocess.run(["bash", "-n", str(MODULE_DIR / "module-setup.sh")], check=True)
+
+
+def test_secret_id_sealing_says_sealed_only_for_a_present_credential(tmp_path: Path) -> None:
+    plain = config.parse('[vault.approle]\nrole_id = "r"\n')
+    assert initrd.secret_id_sealing(plain).startswith("unsealed: /etc/bootkey/secret-id")
+    cred = config.parse('[vault.approle]\nrole_id = "r"\nsecret_id_credential = "sid"\n')
+    missing = initrd.secret_id_sealing(cred, credstore=tmp_path)
+    assert missing.startswith("unsealed:") and "systemd-creds encrypt" in missing
+    (tmp_path / "sid").write_bytes(b"sealed blob")
+    assert initrd.secret_id_sealing(cred, credstore=tmp_path).startswith("sealed:")
+
+
+def test_config_files_are_what_the_key_socket_reads(tmp_path: Path) -> None:
+    cfg = config.parse('[vault]\nca_file = "/etc/bootkey/ca.pem"\n'
+                       '[vault.approle]\nrole_id_file = "/etc/bootkey/role-id"\n')
+    assert initrd.config_files(cfg, Path("/etc/bootkey/bootkey.toml")) == [
+        Path("/etc/bootkey/bootkey.toml"), Path("/etc/bootkey/ca.pem"),
+        Path("/etc/bootkey/role-id"), Path("/etc/bootkey/secret-id")]
+
+
+def test_list_files_holds_the_unlock_path_and_not_the_cli(tmp_path: Path) -> None:
+    cfg = tmp_path / "bootkey.toml"
+    sid = tmp_path / "secret-id"
+    sid.write_text("s")
+    cfg.write_text(f'[vault.approle]\nrole_id = "r"\nsecret_id_file = "{sid}"\n')
+    # a fresh interpreter, as the dracut module runs it: only what unlocking imports
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from bootkey.initrd import main; "
+         "sys.exit(main(sys.argv[1:]))", "--list-files", str(cfg)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    files = proc.stdout.splitlines()
+    names = {Path(f).name for f in files}
+    for needed in ("keysocket.py", "vault.py", "unlock.py", "initrd.py", "idna.py"):
+        assert needed in names, needed
+    assert str(cfg) in files and str(sid) in files
+    # the CLI, enrolment and the KES server stay out of the initrd; of kes, only the
+    # [kes] section's model comes along (the config is validated whole)
+    kes_config_only = ("/kes/__init__.py", "/kes/config.py", "/kes/policy.py")
+    assert not any("/bootkey/commands/" in f or "/bootkey/enroll" in f
+                   or ("/kes/" in f and f.endswith(".py") and not f.endswith(kes_config_only))
+                   for f in files)
+    assert not any("/kes/server" in f or "/kes/api" in f for f in files)
+
+
+def test_initrd_command_prints_the_root_line_from_the_token(
+    vault_env: VaultEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = tmp_path / "root.img"
+    make_image(img)
+    uuid = subprocess.run(["cryptsetup", "luksUUID", str(img)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    cfg = tmp_path / "bootkey.toml"
+    cfg.write_text(vault_env.toml(f'[[volume]]\nname = "root"\ndevice = "{img}"\n'))
+    assert cli.main(["--config", str(cfg), "initrd"]) == 0
+    out = capsys.readouterr().out
+    assert f"root  UUID={uuid}  /run/bootkey/initrd.sock  luks,x-initrd.attach" in out
+    assert "root=/dev/mapper/root rd.neednet=1 ip=dhcp" in out
+    assert "# secret_id: unsealed:" in out
+    assert cli.main(["--config", str(cfg), "initrd", "--name", "nope"]) == 64
+    assert "no volume 'nope'" in capsys.readouterr().err
+
+
+def _serve(cfg: config.Config, sock: Path,
+           monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Thread, threading.Event]:
+    monkeypatch.setattr(initrd, "SOCKET_PATH", sock)
+    stop = threading.Event()
+    t = threading.Thread(target=initrd.serve, args=(cfg, stop, sock.parent / "ask-password"))
+    t.start()
+    wait_for(sock.exists, timeout=10, what="the initrd key socket")
+    return t, stop
+
+
+def test_initrd_socket_gives_systemd_cryptsetup_the_root_key(
+    vault_env2: VaultEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = os.urandom(64)
+    img = make_image(tmp_path / "root.img")
+    enroll_direct(vault_env2.config(), vault_env2.enroll_token, img, name="root",
+                  key=SecretBuffer.from_bytes(bytearray(key)))
+    cfg = config.parse(vault_env2.toml('[keysocket]\ntimeout = "5s"\n')
+                       .replace("[unlock]\n", f'[unlock]\nsearch = ["{img}"]\n'))
+    sock = tmp_path / "run" / "initrd.sock"
+    t, stop = _serve(cfg, sock, monkeypatch)
+    try:
+        assert systemd_client(sock, "root") == key      # verbatim, NULs and all
+        assert systemd_client(sock, "other") == b""     # not ours: systemd moves on
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert not t.is_alive()
+    assert not sock.exists()   # nothing left in /run
+
+
+def test_initrd_socket_declines_in_time_when_vault_is_away(
+    vault_env2: VaultEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str]
+) -> None:
+    img = make_image(tmp_path / "root.img")
+    enroll_direct(vault_env2.config(), vault_env2.enroll_token, img, name="root")
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = config.parse(vault_env2.toml('[keysocket]\ntimeout = "2s"\n')
+                       .replace(f'address = ["{vault_env2.address}"]', f'address = ["{dead}"]')
+                       .replace("[unlock]\n", f'[unlock]\nsearch = ["{img}"]\n'))
+    sock = tmp_path / "run" / "initrd.sock"
+    t, stop = _serve(cfg, sock, monkeypatch)
+    try:
+        t0 = time.monotonic()
+        assert systemd_client(sock, "root", timeout=20) == b""   # the prompt comes next
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    err = capfd.readouterr().err
+    assert "volume root: no key from Vault" in err and "type the passphrase" in err
+
+
+def test_a_passphrase_typed_while_vault_is_away_is_sent_at_once(
+    vault_env2: VaultEnv, tmp_path: Path
+) -> None:
+    img = make_image(tmp_path / "root.img")
+    enroll_direct(vault_env2.config(), vault_env2.enroll_token, img, name="root")
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = config.parse(vault_env2.toml()
+                       .replace(f'address = ["{vault_env2.address}"]', f'address = ["{dead}"]')
+                       .replace("[unlock]\n", f'[unlock]\nsearch = ["{img}"]\n'))
+    ask_dir = tmp_path / "ask-password"
+    keys = initrd.InitrdKeys(cfg, ask_dir=ask_dir)
+    got: list[SecretBuffer | None] = []
+    t = threading.Thread(target=lambda: got.append(keys.key_for("root", time.monotonic() + 60)))
+    t0 = time.monotonic()
+    t.start()
+    wait_for(lambda: list(ask_dir.glob("ask.*")), timeout=10, what="the console prompt")
+    agent_reply(ask_dir, b"+typed at the console")
+    t.join(timeout=10)
+    keys.close()
+    assert got and got[0] is not None and bytes(got[0].view) == b"typed at the console"
+    assert time.monotonic() - t0 < 30  # not held until the 60 s deadline
+    assert list(ask_dir.iterdir()) == []
+
+
+def test_the_vault_key_withdraws_the_console_prompt(vault_env2: VaultEnv,
+                                                    tmp_path: Path) -> None:
+    key = os.urandom(64)
+    img = make_image(tmp_path / "root.img")
+    enroll_direct(vault_env2.config(), vault_env2.enroll_token, img, name="root",
+                  key=SecretBuffer.from_bytes(bytearray(key)))
+    cfg = config.parse(vault_env2.toml().replace("[unlock]\n",
+                                                 f'[unlock]\nsearch = ["{img}"]\n'))
+    ask_dir = tmp_path / "ask-password"
+    keys = initrd.InitrdKeys(cfg, ask_dir=ask_dir)
+    got = keys.key_for("root", time.monotonic() + 30)
+    assert got is not None and bytes(got.view) == key
+    assert list(ask_dir.iterdir()) == []

@@ -1,0 +1,136 @@
+"""A guest whose root file system is on LUKS2, with initrds built by the guest's own dracut.
+
+Built on the host without device-mapper: the guest's rootfs (the installed layer plus
+dracut) is copied, configured, `dracut` runs in a chroot of it (twice: with bootkey's
+module, and without it but with a keyfile inside, for comparison), then `mkfs.ext4 -d`
+and cryptsetup's offline `reencrypt --encrypt` make the encrypted root, and the host's
+`bootkey enroll` adds the Vault key (its token names the volume "root").
+
+The config baked into the initrd holds this run's AppRole ids, so the rootfs and the
+initrds are built once per run (a module fixture), on top of the cached layers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootkey.initrd import root_setup
+from tests.support.vaultenv import VaultEnv
+from tests.vm import harness
+
+# procps: pgrep, which dracut's network module installs
+PACKAGES = (*harness.BASE_PACKAGES, "dracut-core", "dracut-network", "dbus", "procps")
+NAME = "root"
+LUKS_UUID = "b007c0de-0000-4000-8000-000000000001"
+# The volume's pre-existing passphrase: what an operator types at the fallback prompt.
+PASSPHRASE = b"vm-root-passphrase"
+KEYFILE = "/etc/bootkey-test-root.key"
+ROOT_SIZE_MB = 1536
+# dracut modules for both initrds (the bootkey one adds bootkey and, through it,
+# network + systemd-networkd): a systemd initrd that opens LUKS, nothing else.
+DRACUT_MODULES = ("systemd", "systemd-initrd", "dracut-systemd", "systemd-udevd",
+                  "systemd-journald", "systemd-ask-password", "udev-rules", "base",
+                  "fs-lib", "rootfs-block", "kernel-modules", "crypt")
+DRACUT_DRIVERS = ("virtio_pci", "virtio_blk", "virtio_net", "dm_crypt", "xts", "ecb",
+                  "aesni_intel")
+CMDLINE = f"{root_setup(NAME, LUKS_UUID).kernel_cmdline} rd.udev.log_level=3"
+KEYFILE_CMDLINE = f"root=/dev/mapper/{NAME}"
+
+
+@dataclass(frozen=True)
+class RootGuest:
+    image: Path          # raw LUKS2 root, Vault key enrolled (boot it through an overlay)
+    initrd: Path         # dracut + bootkey's module
+    keyfile_initrd: Path  # dracut, no bootkey, the passphrase as a keyfile inside
+    sizes: dict[str, int]  # compressed initrd sizes, bytes
+
+
+def guest_config(env: VaultEnv, socket_timeout: str = "60s") -> str:
+    # host_id left out: the guest's /etc/machine-id (harness.MACHINE_ID), copied into
+    # the initrd by the module, is the default.
+    return (
+        f'[vault]\naddress = ["{harness.VAULT_GUEST_URL}"]\ntimeout = "5s"\n'
+        f'[vault.approle]\nrole_id = "{env.role_id}"\n'
+        'secret_id_file = "/etc/bootkey/secret-id"\n'
+        f'[vault.kv]\nmount = "{env.kv_mount}"\nversion = {env.kv_version}\n'
+        '[unlock]\nretry_initial = "500ms"\nretry_max = "2s"\n'
+        f'[keysocket]\ntimeout = "{socket_timeout}"\n'
+    )
+
+
+# dracut needs /proc and /dev (process substitution, udevadm): mounted in a private mount
+# namespace, so they vanish with the process and never touch the host's mounts.
+_IN_CHROOT = ('mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" && '
+              'exec chroot "$@"')
+
+
+def _dracut(root: Path, kver: str, out: str, modules: tuple[str, ...],
+            extra: tuple[str, ...] = ()) -> None:
+    harness._run(
+        ["unshare", "--mount", "sh", "-c", _IN_CHROOT, "sh", str(root),
+         "dracut", "--force", "--no-hostonly", "--no-early-microcode",
+         "--kver", kver, "--modules", " ".join(modules),
+         "--drivers", " ".join(DRACUT_DRIVERS), "--compress", "gzip", *extra, out],
+        timeout=900, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+
+
+def build(deb: Path, env: VaultEnv, workdir: Path) -> RootGuest:
+    k = harness.kernel()
+    installed = harness.installed_rootfs(deb, PACKAGES)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    root = workdir / "rootfs"
+    harness._run(["cp", "-a", "--reflink=auto", str(installed), str(root)], timeout=300)
+    setup = root_setup(NAME, LUKS_UUID)
+    files = {
+        "/etc/crypttab": (f"{setup.crypttab}\n".encode(), 0o644),
+        "/etc/bootkey/bootkey.toml": (guest_config(env).encode(), 0o600),
+        "/etc/bootkey/secret-id": (env.secret_id_file.read_bytes(), 0o600),
+        "/etc/dracut.conf.d/bootkey.conf": (setup.dracut_conf.encode(), 0o644),
+    }
+    harness.populate(root, harness.ImageSpec(deb=deb, files=files, enable=["bootkey.service"]))
+    _dracut(root, k.version, "/boot/initrd-bootkey.img", (*DRACUT_MODULES, "bootkey"))
+    # The comparison guest: the passphrase as a keyfile in the initrd, its own crypttab.
+    (root / KEYFILE.lstrip("/")).write_bytes(PASSPHRASE)
+    (root / "tmp/crypttab.keyfile").write_text(
+        f"{NAME} UUID={LUKS_UUID} {KEYFILE} luks\n")
+    _dracut(root, k.version, "/boot/initrd-keyfile.img", DRACUT_MODULES,
+            ("--include", "/tmp/crypttab.keyfile", "/etc/crypttab", "--install", KEYFILE))
+    (root / KEYFILE.lstrip("/")).unlink()
+    (root / "tmp/crypttab.keyfile").unlink()
+    initrd = workdir / "initrd-bootkey.img"
+    keyfile_initrd = workdir / "initrd-keyfile.img"
+    shutil.move(root / "boot/initrd-bootkey.img", initrd)
+    shutil.move(root / "boot/initrd-keyfile.img", keyfile_initrd)
+
+    img = workdir / "root.img"
+    harness._run(["truncate", "-s", f"{ROOT_SIZE_MB}M", str(img)], timeout=30)
+    harness._run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(img),
+                  f"{ROOT_SIZE_MB - 16}M"], timeout=600)
+    shutil.rmtree(root)
+    proc = subprocess.run(
+        ["cryptsetup", "reencrypt", "--encrypt", "--batch-mode", "--type", "luks2",
+         "--reduce-device-size", "16M", "--force-offline-reencrypt", *harness.FAST_PBKDF,
+         "--uuid", LUKS_UUID, "--key-file=-", str(img)],
+        input=PASSPHRASE, capture_output=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    enroll(env, img, workdir)
+    return RootGuest(img, initrd, keyfile_initrd,
+                     {"bootkey": initrd.stat().st_size, "keyfile": keyfile_initrd.stat().st_size})
+
+
+def enroll(env: VaultEnv, img: Path, workdir: Path) -> None:
+    """The host's `bootkey enroll` adds the Vault key and the token naming it "root"."""
+    toml = workdir / "host.toml"
+    toml.write_text(env.toml(f'search = ["{img}"]\n'))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bootkey.cli", "--config", str(toml), "enroll", str(img),
+         "--name", NAME, "--unlock-key-file", "-"],
+        input=PASSPHRASE.decode(), capture_output=True, text=True, timeout=120, check=False,
+        env={"PATH": os.environ["PATH"], "LC_ALL": "C", "VAULT_TOKEN": env.enroll_token})
+    assert proc.returncode == 0, f"enroll root: {proc.stdout}{proc.stderr}"

@@ -1,0 +1,110 @@
+"""The root volume opened in the initrd (issue 15): a guest whose root file system is on
+LUKS2, its initrd built by the guest's dracut with bootkey's module, OpenBao on the host
+reached through the one forwarded port. Nobody types.
+
+The guest, its initrds and the enrolled root are built once for this module
+(tests/vm/rootluks.py); each test boots its own throw-away overlay of the root.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bootkey import keystore
+from bootkey.vault import VaultSession
+from tests.support.bao import DevBao
+from tests.support.scan import find_key
+from tests.support.vaultenv import VaultEnv, provision
+from tests.vm import harness, rootluks
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(harness.QEMU is None, reason="qemu-system-x86_64 is not installed "
+                       "(scripts/setup.sh installs qemu-system-x86)"),
+]
+
+# After multi-user.target: what the host checks. /run's regular files come back whole,
+# so the host can look for the key in them.
+ROOT_BODY = r"""#!/bin/sh
+out=$1
+findmnt -n -o SOURCE / > "$out/root-source.txt"
+cryptsetup status root > "$out/cryptsetup-status.txt" 2>&1
+systemctl is-active bootkey.service > "$out/agent-state.txt"
+systemctl is-active bootkey-initrd.service bootkey-initrd.socket > "$out/initrd-units.txt"
+ls -la /run/bootkey > "$out/run-bootkey.txt" 2>&1
+mkdir -p "$out/run"
+find /run -xdev -type f -size -2M -print0 | xargs -0 cp --parents -t "$out/run" 2>/dev/null
+keyctl show @u > "$out/keyring.txt" 2>&1 || true
+exit 0
+"""
+
+
+@pytest.fixture(scope="module")
+def vault_env(bao: DevBao, tmp_path_factory: pytest.TempPathFactory) -> VaultEnv:
+    return provision(bao.client(), tmp_path_factory.mktemp("initrd-vault"),
+                     host_id=harness.MACHINE_ID)
+
+
+@pytest.fixture(scope="module")
+def root_guest(vm_deb: Path, vault_env: VaultEnv,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[rootluks.RootGuest]:
+    guest = rootluks.build(vm_deb, vault_env, tmp_path_factory.mktemp("rootluks"))
+    print(f"INITRD-SIZE bootkey {guest.sizes['bootkey']} keyfile {guest.sizes['keyfile']}")
+    yield guest
+
+
+def root_key(env: VaultEnv, bao: DevBao) -> bytes:
+    """The root volume's Vault key, read with the root token: what a leak would be."""
+    cfg = env.config()
+    session = VaultSession.from_config(cfg, token=bao.root_token)
+    loc = keystore.location_for(cfg, harness.MACHINE_ID, rootluks.LUKS_UUID)
+    entry = keystore.read_entry(session, loc)
+    assert entry is not None, loc.display
+    with keystore.unseal(session, loc, entry.keys[0]) as buf:
+        return bytes(buf.view)
+
+
+def boot(guest: rootluks.RootGuest, workdir: Path, vault_port: int | None,
+         initrd: Path | None = None, cmdline: str = rootluks.CMDLINE) -> harness.VM:
+    return harness.VM(guest.image, workdir, initrd=initrd or guest.initrd,
+                      vault_port=vault_port, cmdline=cmdline,
+                      data={"/vmtest/test.sh": (ROOT_BODY.encode(), 0o755)})
+
+
+def unlock_seconds(journal: str) -> tuple[float | None, float | None]:
+    """(network up, root unlocked) in guest uptime seconds, from the journal."""
+    net = harness.journal_monotonic(journal, r"Gained carrier|DHCPv4 address")
+    opened = harness.journal_monotonic(journal, r"Finished .*(systemd-cryptsetup@root|"
+                                                r"Cryptography Setup for root)")
+    return net, opened
+
+
+def test_root_volume_unlocks_in_the_initrd_with_nobody_typing(
+    root_guest: rootluks.RootGuest, vault_env: VaultEnv, bao: DevBao, tmp_path: Path
+) -> None:
+    with boot(root_guest, tmp_path / "vm", bao.port) as vm:
+        res = vm.wait()
+    assert res.rc == 0, res.describe()
+    assert res.text("root-source.txt").strip() == "/dev/mapper/root", res.describe()
+    assert "is active" in res.text("cryptsetup-status.txt"), res.describe()
+    # The key came from bootkey's initrd socket; nobody was asked for a passphrase.
+    assert "Please enter passphrase" not in res.console, res.describe()
+    assert re.search(r"bootkey.*initrd: serving keys", res.journal), res.describe()
+    # After switch-root: the agent runs, the initrd's units and socket are gone, and no
+    # file under /run holds the key in any encoding.
+    assert res.text("agent-state.txt").strip() == "active", res.describe()
+    assert res.text("initrd-units.txt").split() == ["inactive", "inactive"], res.describe()
+    assert "initrd.sock" not in res.text("run-bootkey.txt"), res.describe()
+    key = root_key(vault_env, bao)
+    run_files = [(n, b) for n, b in res.files.items() if n.startswith("run/")]
+    assert run_files, "the guest sent no /run files back"
+    assert find_key(key, run_files) == []
+    assert find_key(key, [("console", res.console.encode()),
+                          ("journal", res.journal.encode())]) == []
+    net, opened = unlock_seconds(res.journal)
+    print(f"VM-TIMING initrd-bootkey: qemu wall {res.seconds:.1f} s; network up {net} s; "
+          f"root unlocked {opened} s")
