@@ -59,7 +59,7 @@ def provision(root: hvac.Client, workdir: Path, *, kv_version: int = 2,
     want = setup_vault.Want(vcfg, host_id, secret_id=setup_vault.PlainFile(sid))
     setup_vault.execute(root, setup_vault.plan(setup_vault.observe(root, want), want),
                         lambda _: None)
-    register_secret(sid.read_bytes().strip(), f"secret_id of host {host_id}")
+    register_secret(sid.read_bytes().strip(), f"secret_id of host {host_id}", home=sid)
     role_id = setup_vault.read_role_id(root, want)
     assert role_id
     token = setup_vault.issue_enroll_token(root, vcfg, host_id)
