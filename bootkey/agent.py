@@ -509,13 +509,19 @@ class Agent:
         failed = [r for r in self.results.values() if not r.ok]
         if failed:
             text += "; failed: " + ", ".join(r.name for r in failed)
+        outlook = self.session.access() if self.session is not None else None
+        if outlook is not None and outlook.warning:
+            # the journal has the whole warning and its fix; STATUS= stays one short line
+            text += "; WARNING: Vault access will end (see `bootkey status`)"
         return text
 
     def _renew_loop(self) -> None:
-        """Renew at 2/3 of the token's TTL, beating while it waits."""
+        """Renew when the session's renewal policy says (renew_due_in), beating while it
+        waits."""
         session = self._session()
 
         def next_at() -> float:
+            session.access()  # after a (re-)login: read the token's facts, warn if access ends
             return time.monotonic() + session.renew_due_in()
 
         due = next_at()
@@ -599,8 +605,7 @@ class Agent:
                                                     sleep=self._sleep)
             if self.cfg.metrics.address is not None:
                 self.metrics = AgentMetrics()
-                self.metrics.watch_session(self.session.http_sessions(),
-                                           self.session.token_ttl)
+                self.metrics.watch_session(self.session)
                 metrics_server = self.metrics.serve(self.cfg.metrics.address)
             self._start_control()
             self._start(self.early_components)
@@ -613,6 +618,9 @@ class Agent:
                     self.record(r)
                 self._unlock(volumes, deadline_at)
                 self._initial_round_done()
+            # the token's facts, after the volumes: a foreseeable loss of access is said at
+            # start, and unlocking paid no request for it
+            self.session.access()
             self._report_ready(self.summary() if self.cfg.unlock.mode == "agent" else
                                "serving keys to systemd-cryptsetup")
             threading.Thread(target=self._renew_loop, daemon=True, name="renewal").start()

@@ -30,7 +30,7 @@ from bootkey import _proc, config, crypttab, keystore, unlock
 from bootkey import doctor_checks as dc
 from bootkey.config import AppRoleConfig, Config
 from bootkey.doctor_checks import Check, Status
-from bootkey.vault import VaultSession
+from bootkey.vault import AccessOutlook, VaultSession
 from bootkey_core.errors import BootkeyError
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def check_config(path: str | None) -> tuple[Check, Config | None]:
         cfg = config.load(path)
         host = cfg.resolved_host_id()
     except BootkeyError as e:
-        first = str(e).splitlines()[0]
-        return Check("config", Status.FAIL, first,
+        return Check("config", Status.FAIL, "; ".join(str(e).splitlines()),
                      "fix the field named (docs/configuration.md)"), None
     shown = path or os.environ.get("BOOTKEY_CONFIG") or str(config.DEFAULT_PATH)
     return Check("config", Status.PASS, f"{shown}: valid; host_id {host}"), cfg
@@ -203,18 +202,28 @@ def check_access(cfg: Config, host_id: str, volumes: Sequence[unlock.Volume]) ->
     client = session.raw_client()
     first = client.token
     try:
-        facts = dc.token_facts(client.auth.token.lookup_self()["data"])
+        # the session's own access outlook: what the agent would see after this login
+        o = session.access()
+        facts = _facts(o) if o else dc.token_facts(client.auth.token.lookup_self()["data"])
         out.append(dc.token(facts))
         out += dc.capabilities(*_capabilities(client, cfg, host_id, volumes))
         second: str | None = None
         try:
-            session.login()
+            session.login()  # the agent's re-login: with the secret_id it holds
         except BootkeyError as e:
             second = str(e).split(" — ")[0]
-        out.append(dc.relogin(facts, second, source))
+        until = o.access_until.isoformat(timespec="seconds") if o and o.access_until else None
+        out.append(dc.relogin(facts, second, source, until))
     finally:
         _revoke(session, first)
     return out
+
+
+def _facts(o: AccessOutlook) -> dc.TokenFacts:
+    # token_ttl None: the token never expires
+    return dc.TokenFacts(ttl=o.token_ttl if o.token_ttl is not None else float("inf"),
+                         period=o.token_period or 0.0, explicit_max_ttl=0.0,
+                         renewable=o.token_renewable)
 
 
 def _capabilities(client: hvac.Client, cfg: Config, host_id: str,

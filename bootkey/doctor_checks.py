@@ -38,14 +38,12 @@ class Check:
 
 
 def _dur(seconds: float) -> str:
+    """3600 → "1h", 5400 → "1h30m", 90 → "1m30s"."""
+    if seconds == float("inf"):
+        return "never"
     s = int(seconds)
-    if s >= 86400 and s % 3600 == 0:
-        return f"{s // 86400}d{(s % 86400) // 3600}h".removesuffix("0h")
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m".removesuffix("0m")
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s".removesuffix("0s")
-    return f"{s}s"
+    parts = [(s // 86400, "d"), (s % 86400 // 3600, "h"), (s % 3600 // 60, "m"), (s % 60, "s")]
+    return "".join(f"{n}{u}" for n, u in parts if n) or "0s"
 
 
 # ---- Vault ----------------------------------------------------------------------------
@@ -148,6 +146,8 @@ FIX_REUSABLE = ("issue a reusable secret_id (`bootkey setup-vault --new-secret-i
 
 
 def token(t: TokenFacts) -> Check:
+    if t.ttl == float("inf"):
+        return Check("token", Status.PASS, "never expires")
     if t.period > 0 and t.renewable:
         return Check("token", Status.PASS,
                      f"periodic (period {_dur(t.period)}, ttl {_dur(t.ttl)}): renews for ever")
@@ -162,13 +162,21 @@ def token(t: TokenFacts) -> Check:
                  f"{_dur(t.ttl)}", FIX_PERIODIC)
 
 
-def relogin(t: TokenFacts, second_login: str | None, source: str) -> Check:
+def relogin(t: TokenFacts, second_login: str | None, source: str,
+            access_until: str | None = None) -> Check:
     """`second_login` is None when a second AppRole login with the same secret_id worked,
-    else why it failed."""
+    else why it failed. `access_until`: when logging in again stops working (the
+    secret_id expires), if the session foresaw it."""
+    periodic = t.period > 0 and t.renewable
     if second_login is None:
+        if access_until and not periodic:
+            return Check("re-login", Status.WARN,
+                         f"a second login worked, but logging in again stops at {access_until} "
+                         "(the secret_id expires) and the token is not periodic",
+                         f"{FIX_PERIODIC}; or a longer secret_id_ttl")
         return Check("re-login", Status.PASS,
                      f"a second login with the same secret_id ({source}) worked")
-    if t.period > 0 and t.renewable:
+    if periodic:
         return Check("re-login", Status.WARN,
                      f"a second login failed ({second_login}): the periodic token renews for "
                      "ever, but a restarted agent cannot log in", FIX_REUSABLE)

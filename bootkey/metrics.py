@@ -12,7 +12,7 @@ and elapsed time only (never a body, never a header: tokens travel in headers), 
 swallows its own errors.
 
     m = AgentMetrics()
-    m.watch_session(session)
+    m.watch_session(session)                        # Vault requests, token, access
     m.registry.register(kes_service.api.metrics)    # KES's families, same registry
     server = m.serve("127.0.0.1:9273")
     ...
@@ -21,8 +21,8 @@ swallows its own errors.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from bootkey.config import loopback_port
 from bootkey.unlock import VolumeResult
+from bootkey.vault import VaultSession
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,13 @@ class AgentMetrics:
         self.token_seconds_left = Gauge(
             "bootkey_vault_token_seconds_left", "Seconds until the Vault token expires "
             "(+Inf: no expiry; 0: not logged in)", registry=r)
-        self._lock = threading.Lock()
+        self.access_warning = Gauge(
+            "bootkey_vault_access_warning", "1 while the agent foresees losing its Vault "
+            "access (the journal and `bootkey status` name the fix), else 0", registry=r)
+        self.access_seconds_left = Gauge(
+            "bootkey_vault_access_seconds_left", "Seconds until Vault access certainly "
+            "ends (the secret_id expires and the token is not periodic); +Inf: not foreseen",
+            registry=r)
 
     def volume_result(self, r: VolumeResult) -> None:
         self.unlock_results.labels(r.name, r.outcome.value).inc()
@@ -120,11 +127,23 @@ class AgentMetrics:
         except Exception:  # metrics must never break a Vault call
             log.debug("metrics: cannot count a Vault response", exc_info=True)
 
-    def watch_session(self, sessions: list[requests.Session],
-                      token_ttl: Callable[[], float]) -> None:
-        for s in sessions:
+    def watch_session(self, session: VaultSession) -> None:
+        for s in session.http_sessions():
             s.hooks["response"].append(self.on_response)
-        self.token_seconds_left.set_function(token_ttl)
+        self.token_seconds_left.set_function(session.token_ttl)
+
+        def warning() -> float:
+            o = session.access()
+            return 1.0 if o is not None and o.warning else 0.0
+
+        def access_left() -> float:
+            o = session.access()
+            if o is None or o.access_until is None:
+                return float("inf")
+            return (o.access_until - dt.datetime.now(dt.UTC)).total_seconds()
+
+        self.access_warning.set_function(warning)
+        self.access_seconds_left.set_function(access_left)
 
     def serve(self, address: str) -> MetricsServer | None:
         """Listen on `address`; None (and an error in the log) if it cannot: metrics are

@@ -304,9 +304,8 @@ def _call(client: hvac.Client, method: str, path: str, what: str, *,
         kind = "timed out" if isinstance(e, requests.Timeout) else "unreachable"
         raise VaultUnavailable(f"{path}: cannot {what}: Vault {kind} at {client.url}") from None
     except hx.Forbidden:
-        raise VaultDenied(f"{path}: cannot {what}: permission denied (403) — the admin token "
-                          "needs sudo on sys/auth and sys/mounts and write on sys/policies and "
-                          f"auth/… (a root or admin token)") from None
+        raise VaultDenied(f"{path}: cannot {what}: permission denied (403) — use an admin "
+                          "token (docs/vault-setup.md lists what it needs)") from None
     except hx.InvalidPath:
         if method == "GET":
             return None

@@ -39,41 +39,41 @@ def volume_entry(r: VolumeResult, when: float | None) -> dict[str, Any]:
             "when": iso(when)}
 
 
-def secret_id_source(ar: AppRoleConfig, credentials_dir: str | None) -> tuple[str, bool | None]:
-    """(where the secret_id comes from, whether that source can be read again for a
-    re-login; None if it cannot be known from here). The order is VaultSession's."""
+def secret_id_source(ar: AppRoleConfig, credentials_dir: str | None) -> str:
+    """Where the configured secret_id comes from (VaultSession's order), named with its
+    path: what `status` can say before a login, or without an agent."""
+    if ar.secret_id is not None:
+        return "config"
     if ar.secret_id_credential:
-        return f"systemd credential {ar.secret_id_credential}", True
+        return f"systemd credential {ar.secret_id_credential}"
     cred = Path(credentials_dir) / "secret-id" if credentials_dir else None
     if cred is not None and cred.exists() and cred.read_bytes().strip():
-        return "systemd credential secret-id", True
+        return "systemd credential secret-id"
     if ar.wrapped_secret_id_file:
-        return f"wrapped token {ar.wrapped_secret_id_file} (single use)", False
+        return f"wrapped token {ar.wrapped_secret_id_file} (unwrapped once)"
     if ar.secret_id_file:
-        if ar.remove_secret_id_file:
-            return f"file {ar.secret_id_file} (removed after login)", False
-        return f"file {ar.secret_id_file}", ar.secret_id_file.exists()
-    return "none configured", False
+        removed = " (removed after login)" if ar.remove_secret_id_file else ""
+        return f"file {ar.secret_id_file}{removed}"
+    return "none configured"
 
 
 def vault_facts(session: VaultSession | None, vcfg: VaultConfig, *,
                 wall: float | None = None) -> dict[str, Any]:
-    """The Vault part of the snapshot: what the session knows about its access.
-
-    Kept to one function so the session's fuller access outlook can replace it."""
+    """The Vault part of the snapshot: the address in use and the session's access
+    outlook (token TTL/period/renewable, secret_id facts, re-login, warning); before a
+    login, what the config says."""
     wall = time.time() if wall is None else wall
-    source, relogin = secret_id_source(vcfg.approle, os.environ.get("CREDENTIALS_DIRECTORY"))
-    out: dict[str, Any] = {"addresses": list(vcfg.address), "secret_id_source": source,
-                           "relogin_possible": relogin, "logged_in": False}
-    if session is None or not session.logged_in:
+    out: dict[str, Any] = {
+        "addresses": list(vcfg.address), "logged_in": False, "relogin_possible": None,
+        "secret_id_source": secret_id_source(vcfg.approle,
+                                             os.environ.get("CREDENTIALS_DIRECTORY"))}
+    outlook = session.access() if session is not None and session.logged_in else None
+    if session is None or outlook is None:
         return out
-    ttl = session.token_ttl()
-    out.update({
-        "logged_in": True,
-        "address": session.raw_client().url,
-        "token_ttl": None if ttl == float("inf") else round(ttl),
-        "token_expires": None if ttl == float("inf") else iso(wall + ttl),
-    })
+    out.update(outlook.as_dict())
+    ttl = outlook.token_ttl
+    out.update({"logged_in": True, "address": session.raw_client().url,
+                "token_expires": None if ttl is None else iso(wall + ttl)})
     return out
 
 
@@ -127,20 +127,19 @@ def _vault_line(v: dict[str, Any]) -> str:
     if not v.get("logged_in"):
         return (f"not logged in ({', '.join(v.get('addresses', []))}); secret_id: "
                 f"{v.get('secret_id_source')}")
-    ttl = "no expiry" if v.get("token_ttl") is None else \
+    ttl = "token never expires" if v.get("token_ttl") is None else \
         f"token ttl {duration(v['token_ttl'])} (until {v.get('token_expires')})"
+    kind = f"periodic ({duration(v['token_period'])})" if v.get("token_period") else \
+        "renewable" if v.get("token_renewable") else "not renewable"
     relogin = {True: "possible", False: "NOT possible", None: "unknown"}[
         v.get("relogin_possible")]
-    extra = ""
-    if v.get("renewable") is not None:
-        extra += ", renewable" if v["renewable"] else ", not renewable"
-    if v.get("period"):
-        extra += f", periodic ({duration(v['period'])})"
+    if v.get("access_until"):
+        relogin += f" until {v['access_until']}"
+    lines = [f"{v['address']}, {ttl}, {kind}",
+             f"secret_id: {v.get('secret_id_source')}; re-login {relogin}"]
     if v.get("warning"):
-        extra += f"\n{'':12}WARNING: {v['warning']}"
-    return (f"{v['address']}, {ttl}{extra}\n{'':12}secret_id: {v.get('secret_id_source')}; "
-            f"re-login {relogin}" + (f" until {v['relogin_until']}"
-                                     if v.get("relogin_until") else ""))
+        lines.append(f"WARNING: {v['warning']}")
+    return f"\n{'':12}".join(lines)
 
 
 def _component_line(name: str, c: dict[str, Any] | None) -> str:

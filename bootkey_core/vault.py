@@ -17,15 +17,17 @@ Access that lasts: the secret_id, once read from its source (a file, a systemd c
 the config, or unwrapped from a response-wrapping token), is kept in a `SecretBuffer`, so
 the session can log in again after the source is gone (wrapped file deleted after
 unwrapping, `remove_secret_id_file = true`) — when the role lets a secret_id be reused.
-After each login the session reads the token's facts (`auth/token/lookup-self`: ttl,
-period, renewable) and, where the policy allows, the secret_id's
-(`auth/<mount>/role/<role>/secret-id/lookup`: uses left, expiry; "unknown" when denied).
+After each login, on the first `access()`, the session reads the token's facts
+(`auth/token/lookup-self`: ttl, period, renewable) and, where the policy allows, the
+secret_id's (`auth/<mount>/role/<role>/secret-id/lookup`: uses left, expiry; "unknown"
+when denied) — not during the login itself, so unlocking at boot costs no extra request.
 
 `session.access()` returns these facts as an `AccessOutlook`. Its `warning` is set when
 the loss of access is foreseeable — a token that is not periodic and a secret_id that
 cannot log in again, or one that expires — and names the fix (`token_period` on the
-role, a secret_id that can be reused or lives longer). The warning is logged at login and
-again when the token nears its max TTL. STATUS, `bootkey status`, `doctor` and metrics
+role, a secret_id that can be reused or lives longer). The warning is logged when the
+facts are read (the agent asks right after its first unlock round and after each
+re-login) and again when the token nears its max TTL. STATUS, `bootkey status`, `doctor` and metrics
 read `access()`; none of them should derive these facts again.
 """
 
@@ -229,6 +231,11 @@ class VaultSession:
         self._source = "static token" if static else "none yet"
         self._role_name: str | None = None
         self._outlook: AccessOutlook | None = None
+        # Token and secret_id facts cost two Vault requests: looked up on first ask after
+        # each login, not during it, so a booting host pays only for what unlocks its
+        # volumes (docs/benchmarks.md, boot storm).
+        self._facts_for: tuple[int, str | None] | None = None  # (login generation, role)
+        self._facts_lock = threading.Lock()
         self._capped_warned = False
         self.logins = 0    # successful logins (for tests and metrics)
         self.renewals = 0  # successful renewals
@@ -497,13 +504,13 @@ class VaultSession:
 
     def _login_locked(self, deadline: float | None) -> None:
         if self._static:
-            self._after_login(None, deadline)
+            self._facts_for = (self._generation, None)
             return
         role_id = self._role_id()
         if self._secret_id is not None:
             try:
                 self._approle_login(role_id, self._secret_id, deadline)
-                self._after_login(self._role_name, deadline)
+                self._facts_for = (self._generation, self._role_name)
                 return
             except VaultAuthFailed:
                 if not self._source_readable():
@@ -521,7 +528,7 @@ class VaultSession:
         self._secret_id, self._source = held, source
         self._logs_in = True
         self._remove_used_secret_id_file()
-        self._after_login(self._role_name, deadline)
+        self._facts_for = (self._generation, self._role_name)
 
     def _approle_login(self, role_id: str, secret_id: SecretBuffer,
                        deadline: float | None) -> None:
@@ -618,7 +625,12 @@ class VaultSession:
 
     def access(self) -> AccessOutlook | None:
         """What this session knows about keeping its Vault access (None before the
-        first login); see the module header."""
+        first login); see the module header. The first ask after a login looks the facts
+        up (two requests, at most 10 s) and logs the warning if there is one."""
+        with self._facts_lock:
+            due, self._facts_for = self._facts_for, None
+            if due is not None:
+                self._after_login(due[1], None)
         o = self._outlook
         if o is None:
             return None

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bootkey import config as cfgmod
 from bootkey_core.errors import ConfigError
+from bootkey_core.secret import SecretBuffer
 from tests.support.bao import DevBao, free_port
 from tests.support.kes_agent_setup import kes_agent
 from tests.support.luksimg import enroll_direct, make_image
@@ -28,6 +29,7 @@ from tests.support.notify import NotifyListener
 from tests.support.vaultenv import VaultEnv
 from tests.support.wait import wait_for
 from tests.test_agent import start_agent, stop, two_volumes
+from tests.test_vault_access import let_role_see_its_secret_ids
 
 
 @pytest.fixture
@@ -50,42 +52,69 @@ def status_json(cfg_file: Path) -> dict[str, Any]:
     return obj
 
 
-def test_watchdog_pings_while_loops_progress_and_stops_when_one_wedges(
-        vault_env2: VaultEnv, tmp_path: Path, notify: NotifyListener) -> None:
-    """WATCHDOG_USEC=1s: a ping every 0.5 s while every loop beats. SIGUSR1 wedges the
-    agent's main thread (tests/support/wedgeable_agent.py); the pings must stop within
-    two intervals, and STATUS= names the loop."""
-    cfg_file = two_volumes(vault_env2, tmp_path)
-    interval = 0.5
-    proc = subprocess.Popen(
+def wedgeable_agent(cfg_file: Path, notify: NotifyListener) -> subprocess.Popen[str]:
+    """The agent with WATCHDOG_USEC=1 s (a ping every 0.5 s while every loop beats), in
+    a process where SIGUSR1/SIGUSR2 wedge a loop (tests/support/wedgeable_agent.py)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "tests.support.wedgeable_agent", "--config", str(cfg_file),
          "agent", "--check"],
         env={**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def pings_stop_when_wedged(proc: subprocess.Popen[str], notify: NotifyListener,
+                           sig: signal.Signals, loop: str) -> None:
+    """Healthy: pings keep coming. Wedged: they stop within two intervals for good,
+    STATUS= names the loop, and the agent is left for systemd to end."""
+    interval = 0.5
+    ready_at = notify.times_of("READY=1")[0]
+    wait_for(lambda: len([t for t in notify.times_of("WATCHDOG=1") if t > ready_at]) >= 6,
+             timeout=30, what="six pings after READY=1")
+    proc.send_signal(sig)
+    wedged_at = time.monotonic()
+    notify.wait_for(lambda m: m.startswith(f"STATUS=watchdog: no progress from {loop} "))
+
+    def last_ping() -> float:
+        return notify.times_of("WATCHDOG=1")[-1]
+
+    # stopped for good: nothing for three intervals (a ping resets the wait)
+    wait_for(lambda: time.monotonic() - last_ping() > 3 * interval, timeout=30,
+             what="the pings to stop")
+    assert last_ping() - wedged_at <= 2 * interval
+    assert proc.poll() is None  # systemd, not the agent, ends it
+
+
+def test_watchdog_pings_while_loops_progress_and_stops_when_main_wedges(
+        vault_env2: VaultEnv, tmp_path: Path, notify: NotifyListener) -> None:
+    cfg_file = two_volumes(vault_env2, tmp_path)
+    proc = wedgeable_agent(cfg_file, notify)
     try:
         notify.wait_for(lambda m: m == "READY=1")
         loops = status_json(cfg_file)["agent"]["watchdog"]["loops"]
         assert {"main", "renewal", "hotplug", "control"} <= set(loops)
-        ready_at = notify.times_of("READY=1")[0]
-        # healthy: pings keep coming, one per interval
-        wait_for(lambda: len([t for t in notify.times_of("WATCHDOG=1") if t > ready_at]) >= 6,
-                 timeout=30, what="six pings after READY=1")
-        proc.send_signal(signal.SIGUSR1)
-        wedged_at = time.monotonic()
-        notify.wait_for(lambda m: m.startswith("STATUS=watchdog: no progress from main"))
-
-        def last_ping() -> float:
-            return notify.times_of("WATCHDOG=1")[-1]
-
-        # stopped for good: nothing for three intervals (a ping resets the wait)
-        wait_for(lambda: time.monotonic() - last_ping() > 3 * interval, timeout=30,
-                 what="the pings to stop")
-        assert last_ping() - wedged_at <= 2 * interval
-        assert proc.poll() is None  # systemd, not the agent, ends it
+        pings_stop_when_wedged(proc, notify, signal.SIGUSR1, "main")
     finally:
         proc.kill()
         _, err = proc.communicate(timeout=20)
     assert "watchdog: no progress from main (silent" in err
+
+
+def test_watchdog_stops_the_pings_when_the_kes_event_loop_wedges(
+        vault_env2: VaultEnv, bao: DevBao, tmp_path: Path, notify: NotifyListener) -> None:
+    ka = kes_agent(vault_env2, bao, tmp_path)
+    cfg_file = tmp_path / "bootkey.toml"
+    cfg_file.write_text(vault_env2.toml(ka.toml()))
+    proc = wedgeable_agent(cfg_file, notify)
+    try:
+        notify.wait_for(lambda m: m == "READY=1")
+        assert "kes" in status_json(cfg_file)["agent"]["watchdog"]["loops"]
+        pings_stop_when_wedged(proc, notify, signal.SIGUSR2, "kes")
+        # the rest of the agent still answers: only the watchdog knows
+        assert status_json(cfg_file)["agent"]["watchdog"]["stale"] == ["kes"]
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=20)
+    assert "watchdog: no progress from kes (silent" in err
 
 
 def test_status_of_a_running_agent_and_of_none(vault_env2: VaultEnv, tmp_path: Path,
@@ -114,7 +143,10 @@ def test_status_of_a_running_agent_and_of_none(vault_env2: VaultEnv, tmp_path: P
                    for v in snap["volumes"])
         v = snap["vault"]
         assert v["logged_in"] is True and v["address"] == vault_env2.address
-        assert 0 < v["token_ttl"] <= 3600 and v["relogin_possible"] is True
+        # setup-vault's role: a periodic token, a secret_id kept for re-login
+        assert 0 < v["token_ttl"] <= 3600 and v["token_period"] == 3600
+        assert v["secret_id_source"] == "file" and v["warning"] is None
+        assert "relogin_possible" in v and "access_until" in v
         assert snap["hotplug"] == {"enabled": True, "source": "kernel"} or \
             snap["hotplug"]["source"] == "udev"
         assert snap["keysocket"] == {"enabled": False}
@@ -269,3 +301,65 @@ def test_kes_in_status_metrics_watchdog_and_sighup_policy(
         rc, err = stop(proc)
     assert rc == 0, err
     assert "kes: configuration reloaded" in err
+
+
+def test_a_foreseen_loss_of_vault_access_is_in_status_line_status_and_metrics(
+        vault_env2: VaultEnv, bao: DevBao, tmp_path: Path, notify: NotifyListener) -> None:
+    """Single-use secret_id, token not periodic: the agent can see it will lose Vault at
+    the token's max TTL, and says so on STATUS=, in `bootkey status` and as a metric."""
+    root = bao.client()
+    let_role_see_its_secret_ids(root, vault_env2, token_period="0", token_ttl="1h",
+                                token_max_ttl="2h", secret_id_num_uses=1)
+    cfg_file = two_volumes(vault_env2, tmp_path)
+    vault_env2.secret_id_file.write_text(root.auth.approle.generate_secret_id(
+        f"bootkey-boot-{vault_env2.host_id}")["data"]["secret_id"])
+    port = free_port()
+    cfg_file.write_text(cfg_file.read_text() + f'[metrics]\naddress = "127.0.0.1:{port}"\n')
+    proc = start_agent(cfg_file, notify)
+    try:
+        notify.wait_for(lambda m: m == "STATUS=2/2 volumes verified; WARNING: Vault access "
+                        "will end (see `bootkey status`)")
+        v = status_json(cfg_file)["vault"]
+        assert v["relogin_possible"] is False and v["token_period"] is None
+        assert "token_period" in v["warning"]
+        assert f"            WARNING: {v['warning']}" in status(cfg_file).stdout.splitlines()
+        assert sample(scrape(port), "bootkey_vault_access_warning") == 1
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
+
+
+def test_sighup_in_socket_mode_serves_a_new_volume_and_links_it(
+        vault_env2: VaultEnv, tmp_path: Path, notify: NotifyListener) -> None:
+    """mode = "socket": a volume added to `[[volume]]` gets its
+    /run/cryptsetup-keys.d link and its key on the socket after SIGHUP, no restart."""
+    from tests.test_keysocket import systemd_client
+
+    cfg = vault_env2.config()
+    enroll_direct(cfg, vault_env2.enroll_token, make_image(tmp_path / "data.img"), name="data")
+    later = tmp_path / "later"
+    later.mkdir()
+    key = os.urandom(64)
+    enroll_direct(cfg, vault_env2.enroll_token, make_image(later / "new.img"), name="new",
+                  key=SecretBuffer.from_bytes(bytearray(key)))
+    sock = tmp_path / "run" / "cryptsetup.sock"
+    keys_dir = tmp_path / "cryptsetup-keys.d"
+    keys_dir.mkdir()
+    cfg_file = tmp_path / "bootkey.toml"
+    text = vault_env2.toml(f'[keysocket]\npath = "{sock}"\ntimeout = "10s"\n'
+                           f'keys_dir = "{keys_dir}"\n').replace(
+        "[unlock]\n", f'[unlock]\nmode = "socket"\nsearch = ["{tmp_path}/*.img"]\n')
+    cfg_file.write_text(text)
+    proc = start_agent(cfg_file, notify)
+    try:
+        notify.wait_for(lambda m: m == "READY=1")
+        assert sorted(p.name for p in keys_dir.iterdir()) == ["data.key"]
+        assert systemd_client(sock, "added") == b""  # not managed yet: declined
+        cfg_file.write_text(text + f'[[volume]]\nname = "added"\ndevice = "{later}/new.img"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for((keys_dir / "added.key").is_symlink, what="the new key link")
+        assert systemd_client(keys_dir / "added.key", "added") == key
+        assert proc.poll() is None
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err

@@ -264,3 +264,28 @@ def test_a_dead_address_next_to_a_live_one_is_a_warning() -> None:
     dead = dc.reachable("https://v2:8200", None, "connection failed")
     assert [c.status for c in dc.failover([live, dead])] == [Status.PASS, Status.WARN]
     assert [c.status for c in dc.failover([dead])] == [Status.FAIL]
+
+
+def test_access_that_ends_at_a_known_time_is_a_warning_naming_it() -> None:
+    expiring = dc.TokenFacts(ttl=60, period=0, explicit_max_ttl=0, renewable=True)
+    c = dc.relogin(expiring, None, "file x", "2026-12-05T03:00:00+00:00")
+    assert c.status is Status.WARN and "2026-12-05T03:00:00" in c.detail
+    assert "token_period" in c.fix
+    periodic = dc.TokenFacts(ttl=5400, period=5400, explicit_max_ttl=0, renewable=True)
+    assert "period 1h30m" in dc.token(periodic).detail
+    assert dc.relogin(periodic, None, "file x", "2026-12-05T03:00:00+00:00").status \
+        is Status.PASS
+
+
+def test_a_missing_ca_file_is_named(tmp_path: Path) -> None:
+    ca = tmp_path / "no-such-ca.pem"
+    check, skew = doctor.probe_vault("https://127.0.0.1:9", ca, 1.0)
+    assert check.status is Status.FAIL and str(ca) in check.detail and skew is None
+
+
+def test_every_config_problem_is_listed(tmp_path: Path) -> None:
+    cfg = tmp_path / "bootkey.toml"
+    cfg.write_text('host_id = "h1"\n[vault]\ntimeout = "soon"\n[unlock]\nparalel = 3\n')
+    check, parsed = doctor.check_config(str(cfg))
+    assert parsed is None and check.status is Status.FAIL
+    assert "vault.timeout" in check.detail and "unlock.paralel" in check.detail

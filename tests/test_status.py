@@ -25,8 +25,9 @@ RUNNING: dict[str, Any] = {
                                          reason="no key in Vault"), None),
     ],
     "vault": {"logged_in": True, "address": "https://v1:8200", "token_ttl": 2820,
-              "token_expires": "2026-12-04T07:02:12Z", "relogin_possible": True,
-              "secret_id_source": "systemd credential secret-id"},
+              "token_expires": "2026-12-04T07:02:12Z", "token_period": 3600,
+              "token_renewable": True, "relogin_possible": True, "access_until": None,
+              "warning": None, "secret_id_source": "systemd credential"},
     "keysocket": {"enabled": False},
     "hotplug": {"enabled": True, "source": "udev"},
     "kes": {"enabled": True, "listening": "127.0.0.1:7373", "keys_cached": 1,
@@ -45,8 +46,9 @@ def test_the_table_of_a_running_agent() -> None:
         "data    5c1e       /dev/sdb  opened  ok               2026-12-04T06:02:13Z",
         "logs    9f3b       /dev/sdc  failed  no key in Vault  -",
         "",
-        "vault       https://v1:8200, token ttl 47m (until 2026-12-04T07:02:12Z)",
-        "            secret_id: systemd credential secret-id; re-login possible",
+        "vault       https://v1:8200, token ttl 47m (until 2026-12-04T07:02:12Z), "
+        "periodic (60m)",
+        "            secret_id: systemd credential; re-login possible",
         "key socket  off",
         "hotplug     watching block devices (udev events)",
         "kes         listening on 127.0.0.1:7373, 1 keys cached, requests 3410 ok / "
@@ -73,25 +75,39 @@ def test_no_agent() -> None:
     ]
 
 
+def test_a_foreseen_loss_of_access_is_spelled_out() -> None:
+    warning = ("access ends when the token reaches its max TTL: the token is not periodic "
+               "and nothing can log in again (the secret_id was single-use) — set "
+               "token_period on the role")
+    snap = {**RUNNING, "vault": {**RUNNING["vault"], "token_period": None,
+                                 "token_ttl": 90, "relogin_possible": False,
+                                 "secret_id_source": "wrapped token (unwrapped once)",
+                                 "warning": warning}}
+    lines = status.render(snap).splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("vault"))
+    assert lines[at:at + 3] == [
+        "vault       https://v1:8200, token ttl 90s (until 2026-12-04T07:02:12Z), renewable",
+        "            secret_id: wrapped token (unwrapped once); re-login NOT possible",
+        f"            WARNING: {warning}",
+    ]
+
+
 @pytest.mark.parametrize(("kw", "expected"), [
-    ({"secret_id_credential": "bk"}, ("systemd credential bk", True)),
-    ({"wrapped_secret_id_file": "/w"}, ("wrapped token /w (single use)", False)),
-    ({"secret_id_file": "/s", "remove_secret_id_file": True},
-     ("file /s (removed after login)", False)),
-    ({"secret_id_file": "/nonexistent/secret-id"},
-     ("file /nonexistent/secret-id", False)),
+    ({"secret_id_credential": "bk"}, "systemd credential bk"),
+    ({"wrapped_secret_id_file": "/w"}, "wrapped token /w (unwrapped once)"),
+    ({"secret_id_file": "/s", "remove_secret_id_file": True}, "file /s (removed after login)"),
+    ({"secret_id_file": "/s"}, "file /s"),
 ])
-def test_secret_id_source(kw: dict[str, object], expected: tuple[str, bool]) -> None:
+def test_secret_id_source_from_the_config(kw: dict[str, object], expected: str) -> None:
     assert status.secret_id_source(AppRoleConfig.model_validate(kw), None) == expected
 
 
 def test_secret_id_from_the_unit_credential(tmp_path: Path) -> None:
     ar = AppRoleConfig.model_validate({"secret_id_file": str(tmp_path / "sid")})
     (tmp_path / "secret-id").write_text(" ")  # the unit's blank fallback: not a source
-    assert status.secret_id_source(ar, str(tmp_path)) == (f"file {tmp_path / 'sid'}", False)
+    assert status.secret_id_source(ar, str(tmp_path)) == f"file {tmp_path / 'sid'}"
     (tmp_path / "secret-id").write_text("x")
-    assert status.secret_id_source(ar, str(tmp_path)) == ("systemd credential secret-id",
-                                                          True)
+    assert status.secret_id_source(ar, str(tmp_path)) == "systemd credential secret-id"
 
 
 @pytest.mark.parametrize(("seconds", "text"), [

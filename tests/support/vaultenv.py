@@ -55,11 +55,18 @@ def provision(root: hvac.Client, workdir: Path, *, kv_version: int = 2,
     vcfg = cfgmod.VaultConfig.model_validate(
         {"address": root.url, "kv": {"mount": mount, "version": kv_version}})
     workdir.mkdir(parents=True, exist_ok=True)
-    sid = workdir / f"secret-id-{host_id}"
-    want = setup_vault.Want(vcfg, host_id, secret_id=setup_vault.PlainFile(sid))
+    want = setup_vault.Want(vcfg, host_id)
     setup_vault.execute(root, setup_vault.plan(setup_vault.observe(root, want), want),
                         lambda _: None)
-    register_secret(sid.read_bytes().strip(), f"secret_id of host {host_id}", home=sid)
+    # The secret_id file is the test's input (the whole-suite secrets scan treats a file
+    # the product wrote as a leak), so the test issues and writes it; setup-vault's own
+    # deliveries are tested in tests/test_setup_vault.py.
+    secret_id = root.auth.approle.generate_secret_id(
+        setup_vault.role_name(host_id), mount_point=vcfg.approle.mount)["data"]["secret_id"]
+    register_secret(secret_id.encode(), f"secret_id of host {host_id}")
+    sid = workdir / f"secret-id-{host_id}"
+    sid.write_text(secret_id)
+    sid.chmod(0o600)
     role_id = setup_vault.read_role_id(root, want)
     assert role_id
     token = setup_vault.issue_enroll_token(root, vcfg, host_id)
