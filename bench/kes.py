@@ -685,7 +685,8 @@ from kes.apikey import APIKey
 from kes.identity import of_certificate
 from kes.keyring import MemKeyStore
 from kes.keyversion import KeyVersion
-from kes.server import Server, _Connection
+from kes.serve_http1 import HTTP1Connection
+from kes.server import Server
 from kes.tls_context import TLSConfig
 from tests.support.certs import make_ca, make_leaf
 
@@ -723,7 +724,7 @@ class Transport:
 async def main():
     server = Server(handler, TLSConfig(srv.cert_pem, srv.key_pem))
     server._loop = asyncio.get_running_loop()
-    conn, t = _Connection(server), Transport()
+    conn, t = HTTP1Connection(server), Transport()
     conn.connection_made(t)
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.use_certificate(cli.cert)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from bootkey import crypttab
+from bootkey_core.duration import format_duration as dur
 
 
 class Status(Enum):
@@ -35,15 +36,6 @@ class Check:
     def as_json(self) -> dict[str, str]:
         return {"name": self.name, "status": self.status.value, "detail": self.detail,
                 "fix": self.fix}
-
-
-def _dur(seconds: float) -> str:
-    """3600 → "1h", 5400 → "1h30m", 90 → "1m30s"."""
-    if seconds == float("inf"):
-        return "never"
-    s = int(seconds)
-    parts = [(s // 86400, "d"), (s % 86400 // 3600, "h"), (s % 3600 // 60, "m"), (s % 60, "s")]
-    return "".join(f"{n}{u}" for n, u in parts if n) or "0s"
 
 
 # ---- Vault ----------------------------------------------------------------------------
@@ -150,16 +142,16 @@ def token(t: TokenFacts) -> Check:
         return Check("token", Status.PASS, "never expires")
     if t.period > 0 and t.renewable:
         return Check("token", Status.PASS,
-                     f"periodic (period {_dur(t.period)}, ttl {_dur(t.ttl)}): renews for ever")
+                     f"periodic (period {dur(t.period)}, ttl {dur(t.ttl)}): renews for ever")
     if t.renewable:
-        limit = f"max TTL {_dur(t.explicit_max_ttl)}" if t.explicit_max_ttl else \
+        limit = f"max TTL {dur(t.explicit_max_ttl)}" if t.explicit_max_ttl else \
             "the mount's max TTL"
         return Check("token", Status.WARN,
-                     f"renewable, not periodic (ttl {_dur(t.ttl)}, {limit}): the agent must "
+                     f"renewable, not periodic (ttl {dur(t.ttl)}, {limit}): the agent must "
                      "log in again when renewal stops", FIX_PERIODIC)
     return Check("token", Status.WARN,
-                 f"not renewable (ttl {_dur(t.ttl)}): the agent must log in again every "
-                 f"{_dur(t.ttl)}", FIX_PERIODIC)
+                 f"not renewable (ttl {dur(t.ttl)}): the agent must log in again every "
+                 f"{dur(t.ttl)}", FIX_PERIODIC)
 
 
 def relogin(t: TokenFacts, second_login: str | None, source: str,
@@ -182,7 +174,7 @@ def relogin(t: TokenFacts, second_login: str | None, source: str,
                      "ever, but a restarted agent cannot log in", FIX_REUSABLE)
     return Check("re-login", Status.FAIL,
                  f"a second login failed ({second_login}) and the token is not periodic: "
-                 f"the agent loses Vault when the token expires (ttl {_dur(t.ttl)})",
+                 f"the agent loses Vault when the token expires (ttl {dur(t.ttl)})",
                  f"{FIX_PERIODIC}; or {FIX_REUSABLE}")
 
 

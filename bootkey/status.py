@@ -21,6 +21,7 @@ from bootkey import luks, unlock
 from bootkey.config import AppRoleConfig, Config, VaultConfig
 from bootkey.unlock import VolumeResult
 from bootkey.vault import VaultSession
+from bootkey_core.duration import format_duration
 
 Snapshot = dict[str, Any]
 
@@ -90,16 +91,8 @@ def offline(cfg: Config) -> Snapshot:
 
 
 def duration(seconds: float | None) -> str:
-    """`3725` → `1h2m`; None → `-`."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s" if s % 60 else f"{s // 60}m"
-    h, m = divmod(s // 60, 60)
-    return f"{h}h{m:02d}m" if h < 48 else f"{h // 24}d{h % 24}h"
+    """`5400` → `1h30m`; None (not known) → `-`."""
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def _table(rows: list[list[str]]) -> list[str]:

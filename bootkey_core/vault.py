@@ -9,7 +9,8 @@ Error policy (DESIGN §6): connection errors, timeouts, 5xx, 429, sealed and uni
 are retried with the session's `Backoff` (exponential, full jitter), failing over across
 addresses, until the caller's deadline (0: one pass over the addresses, for KES requests
 that must answer now); 400/403/404 and an invalid secret_id fail at once with a message
-naming the path and the fix. hvac's exception text can echo request data, so messages
+naming the path and the fix; so does a TLS certificate that does not verify against
+`ca_file` (ConfigError). hvac's exception text can echo request data, so messages
 are built here from status and path only. A 403 caused by a dead token (expired, or past
 its max TTL) logs in again once and repeats the call.
 
@@ -296,6 +297,7 @@ class VaultSession:
         """One attempt: try each address, preferred first; fail over on retryable errors."""
         n = len(self._clients)
         last: VaultError | None = None
+        untrusted: ConfigError | None = None
         for i in range(n):
             idx = (self._preferred + i) % n
             client = self._clients[idx]
@@ -306,6 +308,16 @@ class VaultSession:
                     # Most often a pooled keep-alive connection Vault had just closed:
                     # one immediate try on a new connection (refused ones fail fast).
                     result = fn(client)
+            except requests.exceptions.SSLError as e:
+                if "CERTIFICATE_VERIFY_FAILED" not in str(e):
+                    last = _classify(e, what, path)  # e.g. a handshake cut short: retry
+                    continue
+                # No amount of waiting makes the certificate verify: say so at once.
+                untrusted = ConfigError(
+                    f"vault.ca_file: cannot verify the TLS certificate of {client.url}: it "
+                    f"is not signed by {self.cfg.ca_file or 'a CA the system trusts'} — set "
+                    "vault.ca_file to the CA that issued Vault's certificate")
+                continue
             except (*_RETRY_HVAC, *_RETRY_NET) as e:
                 last = _classify(e, what, path)
                 log.debug("%s: %s", client.url, last)
@@ -318,6 +330,8 @@ class VaultSession:
                 raise _classify(e, what, path) from None
             self._preferred = idx
             return result
+        if untrusted is not None:
+            raise untrusted
         if last is None:  # no addresses: config validation forbids it
             raise VaultUnavailable(f"no Vault address to {what}")
         raise last

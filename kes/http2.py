@@ -143,9 +143,14 @@ class Connection:
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
 
     @property
-    def receiving(self) -> bool:
-        """A request has begun but its body is incomplete (the body timeout applies)."""
-        return bool(self._incoming)
+    def receiving_since(self) -> int | None:
+        """When (the clock's ns) the oldest request whose body is still incomplete began;
+        None if there is none. The body timeout counts from there, as over HTTP/1.1:
+        a body dripped in byte by byte does not keep its stream alive."""
+        incoming = self._incoming
+        if not incoming:
+            return None
+        return min(i.received_ns for i in incoming.values())
 
     @property
     def blocked(self) -> bool:

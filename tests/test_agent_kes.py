@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tests.support.bao import DevBao
-from tests.support.kes_agent_setup import curl, kes_agent
+from tests.support.kesagent import curl, kes_agent
 from tests.support.notify import NotifyListener
 from tests.support.vaultenv import VaultEnv
 

@@ -23,7 +23,7 @@ from bootkey import config as cfgmod
 from bootkey_core.errors import ConfigError
 from bootkey_core.secret import SecretBuffer
 from tests.support.bao import DevBao, free_port
-from tests.support.kes_agent_setup import kes_agent
+from tests.support.kesagent import kes_agent
 from tests.support.luksimg import enroll_direct, make_image
 from tests.support.notify import NotifyListener
 from tests.support.vaultenv import VaultEnv

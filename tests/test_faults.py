@@ -144,10 +144,6 @@ def tls_env(tls_bao: TlsBao, tmp_path: Path) -> VaultEnv:
     return provision(tls_bao.client(), tmp_path / "env", ca_file=tls_bao.ca_file)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bootkey/vault.py: requests' SSLError is a ConnectionError, so a certificate that "
-    "does not verify against vault.ca_file is retried as 'Vault unreachable' until the "
-    "deadline; it should fail at once as a ConfigError naming vault.ca_file"))
 def test_tls_ca_mismatch(tls_env: VaultEnv, tmp_path: Path) -> None:
     """`vault.ca_file` is not the CA that signed Vault's certificate: no amount of
     waiting fixes that, so bootkey says so at once and names the setting."""
@@ -304,10 +300,6 @@ def test_token_revoked_kes_logs_in_again(vault_env2: VaultEnv, bao: DevBao,
         stop_agent(kes)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bootkey/vault.py: a 403 is always VaultDenied; the session does not log in again "
-    "when its token was revoked (kes/vaultstore.py does), so the running agent's key "
-    "socket declines every request until its next renewal"))
 def test_token_revoked_key_socket_logs_in_again(vault_env2: VaultEnv, bao: DevBao,
                                                 tmp_path: Path) -> None:
     from tests.test_keysocket import systemd_client

@@ -12,6 +12,7 @@ from bootkey import status
 from bootkey.config import AppRoleConfig
 from bootkey.metrics import path_class
 from bootkey.unlock import Outcome, VolumeResult
+from bootkey_core.duration import parse_duration
 
 RUNNING: dict[str, Any] = {
     "agent": {"running": True, "pid": 812, "since": "2026-12-04T06:02:11Z", "mode": "agent",
@@ -47,7 +48,7 @@ def test_the_table_of_a_running_agent() -> None:
         "logs    9f3b       /dev/sdc  failed  no key in Vault  -",
         "",
         "vault       https://v1:8200, token ttl 47m (until 2026-12-04T07:02:12Z), "
-        "periodic (60m)",
+        "periodic (1h)",
         "            secret_id: systemd credential; re-login possible",
         "key socket  off",
         "hotplug     watching block devices (udev events)",
@@ -86,7 +87,7 @@ def test_a_foreseen_loss_of_access_is_spelled_out() -> None:
     lines = status.render(snap).splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.startswith("vault"))
     assert lines[at:at + 3] == [
-        "vault       https://v1:8200, token ttl 90s (until 2026-12-04T07:02:12Z), renewable",
+        "vault       https://v1:8200, token ttl 1m30s (until 2026-12-04T07:02:12Z), renewable",
         "            secret_id: wrapped token (unwrapped once); re-login NOT possible",
         f"            WARNING: {warning}",
     ]
@@ -111,10 +112,12 @@ def test_secret_id_from_the_unit_credential(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
-    (None, "-"), (59, "59s"), (125, "2m05s"), (2820, "47m"), (7260, "2h01m"),
-    (200000, "2d7h")])
+    (None, "-"), (59, "59s"), (125, "2m5s"), (2820, "47m"), (7260, "2h1m"),
+    (200000, "55h33m20s"), (float("inf"), "never")])
 def test_duration(seconds: float | None, text: str) -> None:
     assert status.duration(seconds) == text
+    if seconds is not None and seconds != float("inf"):
+        assert parse_duration(text) == seconds  # what status prints, the config reads
 
 
 @pytest.mark.parametrize(("path", "cls"), [

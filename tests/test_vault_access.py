@@ -17,6 +17,7 @@ from bootkey.vault import VaultSession
 from bootkey_core.vault import AccessOutlook, outlook, renew_in
 from tests.support.bao import DevBao
 from tests.support.vaultenv import VaultEnv
+from tests.support.wait import wait_for
 
 
 def role_of(env: VaultEnv) -> str:
@@ -34,8 +35,10 @@ def let_role_see_its_secret_ids(root: hvac.Client, env: VaultEnv, **role: object
         name, token_policies=[name, f"{name}-lookup"], **role)
 
 
-def login_with_role(root: hvac.Client, env: VaultEnv, **role: object) -> AccessOutlook:
-    """Set the role up, issue a fresh secret_id, log in: what the session foresees."""
+def login_with_role(root: hvac.Client, env: VaultEnv, **role: object
+                    ) -> tuple[VaultSession, AccessOutlook]:
+    """Set the role up, issue a fresh secret_id, log in: the session and what it
+    foresees."""
     let_role_see_its_secret_ids(root, env, **role)
     env.secret_id_file.write_text(
         root.auth.approle.generate_secret_id(role_of(env))["data"]["secret_id"])
@@ -43,7 +46,7 @@ def login_with_role(root: hvac.Client, env: VaultEnv, **role: object) -> AccessO
     s.login()
     o = s.access()
     assert o is not None
-    return o
+    return s, o
 
 
 @pytest.fixture
@@ -64,17 +67,24 @@ def warnings() -> Iterator[list[str]]:
 
 def test_single_use_secret_id_and_non_periodic_token_warn_at_login(
         vault_env2: VaultEnv, bao: DevBao, warnings: list[str]) -> None:
-    o = login_with_role(bao.client(), vault_env2, token_period="0", token_ttl="2s",
+    s, o = login_with_role(bao.client(), vault_env2, token_period="0", token_ttl="2s",
                         token_max_ttl="5s", secret_id_num_uses=1)
     assert o.secret_id_known and o.relogin_possible is False
     assert o.token_period is None and o.token_renewable
     assert o.warning is not None and "token_period" in o.warning
     assert any("token_period on the AppRole role" in w for w in warnings)
+    # ...and again when renewal reaches the max TTL, instead of a login that must fail
+    def renewed_until_warned() -> bool:
+        s.renew_or_relogin()
+        return any("cannot be replaced" in w for w in warnings)
+
+    wait_for(renewed_until_warned, timeout=15, what="the max-TTL warning", interval=0.5)
+    assert s.logins == 1
 
 
 def test_periodic_token_renews_forever_and_says_nothing(
         vault_env2: VaultEnv, bao: DevBao, warnings: list[str]) -> None:
-    o = login_with_role(bao.client(), vault_env2, token_period="1h")
+    _, o = login_with_role(bao.client(), vault_env2, token_period="1h")
     assert o.token_period == 3600 and o.warning is None
     assert o.relogin_possible is True and o.secret_id_uses_left == 0  # unlimited
     assert o.secret_id_source == "file" and not warnings
@@ -82,7 +92,7 @@ def test_periodic_token_renews_forever_and_says_nothing(
 
 def test_expiring_secret_id_with_non_periodic_token_names_when(
         vault_env2: VaultEnv, bao: DevBao) -> None:
-    o = login_with_role(bao.client(), vault_env2, token_period="0", secret_id_ttl="1h")
+    _, o = login_with_role(bao.client(), vault_env2, token_period="0", secret_id_ttl="1h")
     assert o.access_until is not None
     left = o.access_until - dt.datetime.now(dt.UTC)
     assert dt.timedelta(minutes=55) < left <= dt.timedelta(hours=1)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from bootkey import enroll, unlock, vaultlocker
 from bootkey.commands.common import load_config, print_json
-from bootkey.config import Config
+from bootkey.config import Config, check_volume_name
 from bootkey.operator_token import operator_session
 from bootkey.vault import VaultSession
 from bootkey_core import secret
@@ -207,16 +206,14 @@ def report(out: enroll.Outcome, args: argparse.Namespace, verb: str) -> None:
 # ---- commands ----------------------------------------------------------------------------
 
 
-# The mapping name at unlock (/dev/mapper/NAME): the same rule as a [[volume]] name.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}")
-
-
 def run_enroll(args: argparse.Namespace) -> int:
     if args.force and not args.format:
         raise UsageError("enroll: --force only applies with --format")
-    if args.name is not None and not _NAME.fullmatch(args.name):
-        raise UsageError(f"--name {args.name!r}: not a usable mapping name — use letters, "
-                         "digits, _ . + - (at most 127)")
+    if args.name is not None:
+        try:  # the mapping name at unlock: the same rule as a [[volume]] name
+            check_volume_name(args.name)
+        except ValueError as e:
+            raise UsageError(f"--name: {e}") from None
     device = _device(args.device)
     cfg = load_config(args)
     secret.harden_process()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bootkey import config, setup_vault
 from bootkey.commands.common import load_config
+from bootkey.operator_token import operator_token
 from bootkey_core.duration import parse_duration
 from bootkey_core.errors import ConfigError, UsageError
 
@@ -76,7 +77,7 @@ def _config(args: argparse.Namespace) -> config.Config:
 
 
 def _admin_token() -> str:
-    token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
+    token = operator_token(None, os.environ)  # $VAULT_TOKEN, then $BAO_TOKEN, never argv
     if not token:
         token = (getpass.getpass("Vault admin token: ") if sys.stdin.isatty()
                  else sys.stdin.readline()).strip()

@@ -270,8 +270,10 @@ def _plan_recover(v: View) -> Plan:
         keys = _fresh_key(n, create=False)
         header = [AddKeyslot(n), ImportToken(n), TestSlotAlone(n), Activate(n, retire)]
         summary = f"re-key with the operator's key into keyslot {n}"
+    unclaim -= frozenset(v.tokens_for(n))  # a token already naming the new keyslot stays
     header[-1:-1] = [RemoveToken(t) for t in sorted(unclaim)]  # before the commit
-    claimed = View(v.device, v.luks_uuid, v.keyslots,
+    # what the header shows once the commit is reached: keyslot n exists, unclaim is gone
+    claimed = View(v.device, v.luks_uuid, v.keyslots | {n},
                    {t: s for t, s in v.tokens.items() if t not in unclaim}, v.entry, v.keys,
                    v.kv_version)
     left = sorted(k.keyslot for k in old if k.in_header and not k.opens)

@@ -169,11 +169,18 @@ def test_recover_needs_the_operator_key_and_says_so() -> None:
     # keyslot added and token imported, the old token already taken off keyslot 1
     ({0, 1, 2}, {1: {2}}, ["UnsealKey", "BackupHeader", "TestSlotAlone", "Activate",
                            "DropKeys", "DestroyOldVersions", "RemoveBackup"]),
+    # keyslot 1 killed (its token names nothing); a token names keyslot 2 before it
+    # exists: only the empty token goes, the one for the new keyslot stays
+    ({0}, {0: set(), 1: {2}}, ["UnsealKey", "BackupHeader", "AddKeyslot", "TestSlotAlone",
+                               "RemoveToken", "Activate", "DropKeys", "DestroyOldVersions",
+                               "RemoveBackup"]),
 ])
 def test_recover_resume(slots: set[int], tokens: dict[int, set[int]],
                         expect: list[str]) -> None:
     v = view(slots, [(1, "active", False), (2, "pending", True)], tokens)
-    assert e.plan_rotate(v, have_unlock_key=True).names == expect
+    plan = e.plan_rotate(v, have_unlock_key=True)
+    assert plan.names == expect
+    assert not {e.RemoveToken(t) for t, s in tokens.items() if 2 in s} & set(plan.steps)
 
 
 def test_after_the_recover_commit_a_plain_rotate_finishes_without_killing() -> None:

@@ -24,7 +24,8 @@ import pytest
 from kes import http2
 from kes.identity import of_certificate
 from kes.messages import MAX_BODY, Request, Response
-from kes.server import ServerThread, _H2Connection
+from kes.serve_http2 import HTTP2Connection
+from kes.server import ServerThread
 from tests.kes.server_util import H2Client, Pki, Recorder, connect, log_stream, wait_for
 from tests.support.certs import Issued, make_leaf
 
@@ -250,7 +251,7 @@ def test_stream_that_never_suspends_is_held_back_by_the_clients_window(
         c = H2Client(st.port, client_ctx)
         c.send("GET", "/v1/log/audit")
         # The client reads nothing: its 64 KiB window stops the server after one piece.
-        wait_for(lambda: any(isinstance(conn, _H2Connection) and conn._h2.blocked
+        wait_for(lambda: any(isinstance(conn, HTTP2Connection) and conn._h2.blocked
                              for conn in st.server.connections),
                  what="the stream to wait for the window")
         assert len(produced) <= 2
@@ -376,6 +377,23 @@ def test_stalled_body_is_cut_after_the_body_timeout(pki: Pki,
         c.wait_goaway()
         while c.pump():
             pass
+        c.close()
+
+
+def test_body_dripped_in_does_not_outlast_the_body_timeout(pki: Pki,
+                                                          client_ctx: ssl.SSLContext) -> None:
+    with ServerThread(Recorder(), pki.tls(), body_timeout=0.5) as st:
+        c = H2Client(st.port, client_ctx)
+        sid = c.send("POST", "/v1/key/import/k", b"{", end=False)
+        c.sock.settimeout(0.1)
+        with contextlib.suppress(OSError):  # the server cuts us off while we drip
+            for _ in range(100):  # a byte every 0.1 s for up to 10 s
+                c.send_body(sid, b" ", end=False)
+                with contextlib.suppress(TimeoutError):
+                    c.pump()
+                if c.goaway is not None or c.closed:
+                    break
+        assert c.goaway is not None or c.closed
         c.close()
 
 

@@ -22,7 +22,17 @@ from kes.identity import of_certificate
 from kes.messages import MAX_BODY, Request, Response
 from kes.server import ServerThread
 from kes.tls_context import TLSConfig, build_context
-from tests.kes.server_util import Pki, Reader, Recorder, connect, log_stream, request, wait_for
+from tests.kes.server_util import (
+    PROTOCOLS,
+    Pki,
+    Reader,
+    Recorder,
+    call,
+    connect,
+    log_stream,
+    request,
+    wait_for,
+)
 from tests.support.certs import make_ca, make_leaf
 
 
@@ -66,17 +76,20 @@ def client_ctx(pki: Pki) -> ssl.SSLContext:
 # Identity -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("proto", PROTOCOLS)
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 @pytest.mark.parametrize("kind", ["rsa", "ec", "ed25519"])
 def test_identity_of_each_key_type_reaches_the_handler(
-    pki: Pki, server: ServerThread, recorder: Recorder, kind: str, version: ssl.TLSVersion
+    pki: Pki, server: ServerThread, recorder: Recorder, *, kind: str, version: ssl.TLSVersion,
+    proto: str,
 ) -> None:
     client = make_leaf(None, f"self-signed-{kind}", kind=kind, client=True)  # type: ignore[arg-type]
-    with connect(server.port, pki.client_context(client, version=version)) as s:
+    ctx = pki.client_context(client, version=version)
+    with connect(server.port, ctx) as s:
         names = {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}
         assert s.version() == names[version]
-        s.sendall(request("POST", "/v1/key/generate/my-key", b'{"context":""}'))
-        reply = Reader(s).response()
+    reply = call(proto, server.port, ctx, "POST", "/v1/key/generate/my-key",
+                 body=b'{"context":""}')
     assert reply.status == 200
     assert reply.json()["identity"] == of_certificate(client.cert)
     seen = recorder.requests[0]
@@ -88,16 +101,15 @@ def test_identity_of_each_key_type_reaches_the_handler(
     assert seen.received_ns > 0
 
 
+@pytest.mark.parametrize("proto", PROTOCOLS)
 def test_minio_style_api_key_cert_expired_long_ago_is_accepted_by_default(
-    pki: Pki, server: ServerThread, recorder: Recorder
+    pki: Pki, server: ServerThread, recorder: Recorder, proto: str
 ) -> None:
     # MinIO's API-key certificate: self-signed Ed25519, 90 days from MinIO's start, no SAN.
     started = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
     expired = make_leaf(None, "identity-as-cn", kind="ed25519", client=True, days=90,
                         not_before=started)
-    with connect(server.port, pki.client_context(expired)) as s:
-        s.sendall(request("GET", "/version"))
-        assert Reader(s).response().status == 200
+    assert call(proto, server.port, pki.client_context(expired), "GET", "/version").status == 200
     assert recorder.requests[0].identity == of_certificate(expired.cert)
 
 

@@ -1,6 +1,8 @@
-"""`bootkey agent` with its embedded KES endpoint, for tests that fault the Vault behind
-it: start it on a given config, call KES over kept-alive mTLS as MinIO does, and find the
-agent's own Vault token (to revoke it, or to watch it being renewed)."""
+"""`bootkey agent` with its embedded KES endpoint, as tests set it up: a keystore prefix
+the host's AppRole may use (`grant_kes`), a server certificate and a MinIO-like
+self-signed client certificate with the `[kes]` TOML naming them (`KesSetup`,
+`kes_setup`), an agent started on that config and called over kept-alive mTLS as MinIO
+does (`start_kes_agent`, `KesAgent`), and the agent's own Vault token (`agent_token`)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import requests
 
 from kes.identity import of_certificate
 from tests.kes.server_util import Pki
-from tests.support.bao import free_port
+from tests.support.bao import DevBao, free_port
 from tests.support.certs import make_leaf
 from tests.support.notify import NotifyListener
+from tests.support.vaultenv import VaultEnv
 
 CONTEXT = {"context": base64.b64encode(b"bucket/object").decode()}
 
@@ -68,29 +71,76 @@ def grant_kes(root: hvac.Client, host_id: str) -> str:
     return prefix
 
 
+MINIO_ALLOW = ("/v1/key/create/minio-*", "/v1/key/generate/minio-*", "/v1/key/decrypt/minio-*")
+
+
+@dataclass
+class KesSetup:
+    """What a `[kes]` section names: certificates, the MinIO client's identity, a port."""
+
+    pki: Pki
+    srv_cert: Path
+    srv_key: Path
+    cli_cert: Path
+    cli_key: Path
+    identity: str
+    prefix: str
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def toml(self, allow: tuple[str, ...] = MINIO_ALLOW) -> str:
+        return (f'[kes]\nenabled = true\naddress = "127.0.0.1:{self.port}"\n'
+                'admin = { identity = "disabled" }\n'
+                f'tls = {{ cert = "{self.srv_cert}", key = "{self.srv_key}" }}\n'
+                f"policy.minio = {{ allow = {json.dumps(list(allow))}, "
+                f'identities = ["{self.identity}"] }}\n'
+                f'keystore.vault = {{ engine = "secret", version = "v2", '
+                f'prefix = "{self.prefix}" }}\n')
+
+    def curl(self, path: str, body: str | None = None) -> tuple[int, str]:
+        """(status, body) of a request as the MinIO client."""
+        return curl(self.pki, self.cli_cert, self.cli_key, f"{self.base}{path}", body)
+
+
+def kes_setup(tmp: Path, prefix: str) -> KesSetup:
+    pki = Pki.create(tmp)
+    srv_cert, srv_key = pki.write_client(pki.server, "server")
+    client = make_leaf(None, "minio", kind="ed25519", client=True)  # self-signed, as MinIO's
+    cli_cert, cli_key = pki.write_client(client, "minio")
+    return KesSetup(pki, srv_cert, srv_key, cli_cert, cli_key, of_certificate(client.cert),
+                    prefix, free_port())
+
+
+def kes_agent(env: VaultEnv, bao: DevBao, tmp_path: Path) -> KesSetup:
+    """A keystore prefix granted to the env's host and a `[kes]` section for it."""
+    return kes_setup(tmp_path, grant_kes(bao.client(), env.host_id))
+
+
+def curl(pki: Pki, cert: Path, key: Path, url: str, body: str | None = None) -> tuple[int, str]:
+    args = ["curl", "-sS", "--cacert", str(pki.ca_file), "--cert", str(cert), "--key", str(key),
+            "-o", "-", "-w", "\n%{http_code}", url]
+    if body is not None:
+        args += ["-X", "POST", "--data-binary", body]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=20, check=True).stdout
+    text, _, code = out.rpartition("\n")
+    return int(code), text
+
+
 def start_kes_agent(tmp: Path, config: Callable[[str], str], prefix: str,
                     start: Callable[[Path, NotifyListener], subprocess.Popen[str]],
                     extra: str = "") -> KesAgent:
     """Write `config(kes_section + extra)` and start the agent with `start`; returns once
     it is READY."""
-    pki = Pki.create(tmp)
-    srv_cert, srv_key = pki.write_client(pki.server, "server")
-    client = make_leaf(None, "minio", kind="ed25519", client=True)
-    cli_cert, cli_key = pki.write_client(client, "minio")
-    port = free_port()
-    allow = [f"/v1/key/{op}/minio-*" for op in ("create", "generate", "decrypt")]
-    kes = (f'[kes]\nenabled = true\naddress = "127.0.0.1:{port}"\n'
-           'admin = { identity = "disabled" }\n'
-           f'tls = {{ cert = "{srv_cert}", key = "{srv_key}" }}\n'
-           f"policy.minio = {{ allow = {json.dumps(allow)}, "
-           f'identities = ["{of_certificate(client.cert)}"] }}\n'
-           f'keystore.vault = {{ engine = "secret", version = "v2", prefix = "{prefix}" }}\n')
+    kes = kes_setup(tmp, prefix)
     cfg_file = tmp / "bootkey.toml"
-    cfg_file.write_text(config(kes + extra))
+    cfg_file.write_text(config(kes.toml() + extra))
     notify = NotifyListener(tmp / "notify.sock")
     proc = start(cfg_file, notify)
     notify.wait_for(lambda m: m == "READY=1")
-    return KesAgent(proc, notify, f"https://127.0.0.1:{port}", pki, cli_cert, cli_key)
+    return KesAgent(proc, notify, kes.base, kes.pki, kes.cli_cert, kes.cli_key)
 
 
 def agent_token(root: hvac.Client, role: str, since: float) -> dict[str, Any]:

@@ -202,6 +202,12 @@ class RaftCluster:
         """`sys/leader` as `via` sees it: the active node's API address."""
         return str(via.client().sys.read_leader_status()["leader_address"])
 
+    def ha_status(self) -> dict[str, bool]:
+        """`sys/ha-status` as the active node sees it: each node's API address → whether
+        it is the active one."""
+        nodes = self.root().read("sys/ha-status")["nodes"]
+        return {str(n["api_address"]): bool(n["active_node"]) for n in nodes}
+
     def voters(self) -> list[str]:
         cfg = self.root().sys.read_raft_config()["data"]["config"]["servers"]
         return sorted(s["node_id"] for s in cfg if s["voter"])
