@@ -376,8 +376,11 @@ class RunResult:
 
 
 def kind(a: Arrival) -> str:
-    if a.path.endswith("/login"):
-        return "login"
+    """What a request was for, without the per-host parts of its path."""
+    for tail, name in (("/login", "login"), ("/lookup-self", "token lookup"),
+                       ("/secret-id/lookup", "secret_id lookup")):
+        if a.path.endswith(tail):
+            return name
     if "/decrypt/" in a.path:
         return "transit decrypt"
     return f"{a.method} {'kv read' if '/data/' in a.path else a.path}"

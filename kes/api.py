@@ -255,6 +255,7 @@ class Api:
             resp = await route.handler(self, req, resource)
         except KesError as e:
             resp = error_response(e)
+            errors.forget_raise(e)
         except Exception:
             log.exception("%s %s: internal error (answered %d %s)", req.method, req.path,
                           route.fail.status, route.fail.message)
@@ -376,7 +377,8 @@ async def h_key_import(api: Api, req: Request, name: str) -> Response:
         raise errors.invalid_key_name(name)
     try:
         body = _body(req, MAX_BODY)
-    except KesError:
+    except KesError as e:
+        errors.forget_raise(e)
         raise errors.INVALID_IMPORT_BODY from None
     # Current body {"key","cipher"}; kes-go v0.1 / KES <= v0.22 sent {"bytes","algorithm"}.
     field = "key" if _field(body, "key") is not None else "bytes"

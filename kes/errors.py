@@ -11,6 +11,15 @@ from __future__ import annotations
 import json
 
 
+def forget_raise(e: BaseException) -> None:
+    """Drop what raising attached to `e`: the errors below are shared constants, and each
+    raise of one adds its frames (holding the request and its body) to the same
+    `__traceback__`, so without this every error answer would stay in memory for good."""
+    e.__traceback__ = None
+    e.__context__ = None
+    e.__cause__ = None
+
+
 class KesError(Exception):
     """An error the client sees as `status` + `{"message": message}`."""
 

@@ -1,9 +1,9 @@
 """Fuzzing the KES endpoint over real mTLS (issue #14.4): hypothesis writes at least
-10,000 requests — methods, paths, query strings, headers, JSON and binary bodies,
-chunked framing — from three client certificates (the admin, `minio` with a policy, an
-unknown identity; each drawn request is sent by all three, in both framings) to the full
-endpoint (`kes.service.build` in its own process, keystore
-on the session's OpenBao, as bench/kes.py runs it). Every answer must be:
+10,000 requests over HTTP/1.1 and 10,000 over h2 — methods, paths, query strings,
+headers, JSON and binary bodies, chunked framing — from three client certificates (the
+admin, `minio` with a policy, an unknown identity; each drawn request is sent by all
+three, in both framings) to the full endpoint (`kes.service.build` in its own process,
+keystore on the session's OpenBao, as bench/kes.py runs it). Every answer must be:
 
 - no 5xx other than KES's documented 502s (docs/kes-openapi.yaml lists them);
 - a 200 on a policy route only for an identity whose policy allows that path;
@@ -13,9 +13,10 @@ on the session's OpenBao, as bench/kes.py runs it). Every answer must be:
 and afterwards the server still answers and its RSS grew by less than RSS_BOUND.
 
 The wire protocol is a parameter: PROTOCOLS maps an ALPN name to a client class with
-`exchange(FuzzRequest) -> Answer`. HTTP/1.1 is there today; for h2, add an `H2Client`
-(the `h2` library: ALPN ["h2"], one stream per request, `chunks` as separate DATA
-frames, connection-specific headers dropped) and its entry in PROTOCOLS.
+`exchange(FuzzRequest) -> Answer` — HTTP/1.1 (raw framing: Content-Length or chunked)
+and h2 (a stream per request on tests/kes/server_util.H2Client; `chunks` become separate
+DATA frames, connection-specific headers are dropped). EXAMPLES and MIN_REQUESTS are
+per protocol.
 """
 
 from __future__ import annotations
@@ -24,48 +25,46 @@ import base64
 import contextlib
 import json
 import os
+import re
+import socket
 import ssl
 import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from typing import Protocol
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from bench.kes import Files, bootkey_kes, rss_bytes
-from tests.kes.server_util import Reader, connect
+from tests.kes.server_util import H2Client, Reader, connect
 from tests.support.bao import DevBao
 from tests.support.certs import Issued, make_leaf
 from tests.support.scan import SecretsRegistry, encodings
 
-EXAMPLES = int(os.environ.get("KES_FUZZ_EXAMPLES", "190"))
+# Examples per protocol, and the requests they must at least make. KES_FUZZ_SCALE=10
+# runs ten times as many.
+SCALE = int(os.environ.get("KES_FUZZ_SCALE", "1"))
+EXAMPLES = {"http/1.1": 190 * SCALE, "h2": 190 * SCALE}
 # Requests drawn per example. Each is sent by all three identities (one keep-alive
 # connection each) and in both framings (as drawn, then chunked <-> Content-Length):
 # six requests per draw, which keeps hypothesis's drawing cost within the time budget.
 PER_EXAMPLE = (8, 12)
-MIN_REQUESTS = 10_000
+MIN_REQUESTS = {"http/1.1": 10_000 * SCALE, "h2": 10_000 * SCALE}
 RSS_BOUND = 48 << 20  # generous: allocator slack and the keyring cache of created keys
 
 # KES's documented 502 answers (kes-api.md §2, kes/errors.py): a keystore failure.
 DOCUMENTED_502 = {"failed to create key", "failed to read key", "failed to delete key",
                   "failed to list keys", "key store is unavailable"}
-# (method, path) of every KES route, as in docs/kes-openapi.yaml
-ROUTES = [("GET", "/version"), ("GET", "/v1/ready"), ("GET", "/v1/status"),
-          ("GET", "/v1/metrics"), ("GET", "/v1/api"), ("PUT", "/v1/key/create/"),
-          ("PUT", "/v1/key/import/"), ("GET", "/v1/key/describe/"),
-          ("DELETE", "/v1/key/delete/"), ("GET", "/v1/key/list/"),
-          ("PUT", "/v1/key/generate/"), ("PUT", "/v1/key/encrypt/"),
-          ("PUT", "/v1/key/decrypt/"), ("POST", "/v1/key/bulk/decrypt/"),
-          ("PUT", "/v1/key/hmac/"), ("GET", "/v1/policy/describe/"),
-          ("GET", "/v1/policy/read/"), ("GET", "/v1/policy/list/"),
-          ("GET", "/v1/identity/describe/"), ("GET", "/v1/identity/list/"),
-          ("GET", "/v1/identity/self/describe"), ("GET", "/v1/log/error"),
-          ("GET", "/v1/log/audit")]
+# (method, path prefix) of every KES route, from the API's description
+SPEC = yaml.safe_load((Path(__file__).parents[2] / "docs" / "kes-openapi.yaml").read_text())
+ROUTES = [(method.upper(), re.sub(r"\{\w+\}$", "", path))
+          for path, item in SPEC["paths"].items() for method in item if method != "parameters"]
 METHODS = ["GET", "PUT", "POST", "DELETE", "HEAD", "PATCH", "OPTIONS", "TRACE", "PROPFIND",
            "get", "M-SEARCH"]
 KEYS = ["bench-key", "other-key", "known-key"]
@@ -100,16 +99,11 @@ class Answer:
     body: bytes
 
 
-class Client(Protocol):
-    def exchange(self, req: FuzzRequest) -> Answer: ...
-
-    def close(self) -> None: ...
-
-
 class Http1Client:
     """One keep-alive HTTP/1.1 connection (reopened after the server closes it)."""
 
     def __init__(self, port: int, ctx: ssl.SSLContext) -> None:
+        ctx.set_alpn_protocols(["http/1.1"])
         self.port, self.ctx = port, ctx
         self.sock: ssl.SSLSocket | None = None
         self.reader: Reader | None = None
@@ -136,7 +130,57 @@ class Http1Client:
         self.sock = self.reader = None
 
 
-PROTOCOLS: dict[str, type[Http1Client]] = {"http/1.1": Http1Client}
+# Connection-specific headers are not allowed in HTTP/2 (RFC 9113 §8.2.2): h2 refuses
+# to send them, so the h2 client drops them as a proxy would.
+H2_DROPPED = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+              "te", "host"}
+
+
+class Http2Client:
+    """One HTTP/2 connection, a stream per request (reopened after a GOAWAY or close);
+    `chunks` become separate DATA frames, `Connection: close` ends the connection."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext) -> None:
+        self.port, self.ctx = port, ctx
+        self.conn: H2Client | None = None
+
+    def exchange(self, req: FuzzRequest) -> Answer:
+        if self.conn is None or self.conn.closed or self.conn.goaway is not None:
+            self.close()
+            self.conn = H2Client(self.port, self.ctx)
+            # HEADERS and DATA go in separate writes: without this, Nagle holds the DATA
+            # until the server's delayed ACK (40 ms a request), as Go's client never does
+            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        headers = tuple((k.lower(), v) for k, v in req.headers
+                        if k.lower() not in H2_DROPPED)
+        if req.chunks is None:
+            sid = self.conn.send(req.method, req.path, req.body, headers=headers)
+        else:
+            sid = self.conn.send(req.method, req.path, None, headers=headers, end=False)
+            at = 0
+            for size in (*req.chunks, len(req.body)):
+                piece = req.body[at:at + size]
+                at += len(piece)
+                if piece:
+                    self.conn.send_body(sid, piece, end=False)
+            self.conn.conn.end_stream(sid)
+            self.conn.flush()
+        stream = self.conn.wait(sid)
+        if stream.reset is not None and not stream.status:
+            # a refused stream is an answer in HTTP/2 (RST_STREAM), not a lost one
+            return Answer(400, {"rst_stream": str(stream.reset)}, b"")
+        if req.close:
+            self.close()
+        return Answer(stream.status, stream.headers, stream.body)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+
+
+PROTOCOLS: dict[str, type[Http1Client] | type[Http2Client]] = {
+    "http/1.1": Http1Client, "h2": Http2Client}
 
 
 def encode_http1(req: FuzzRequest) -> bytes:
@@ -318,12 +362,18 @@ class Kes:
     port: int
     pid: int
     files: Files
-    contexts: dict[str, ssl.SSLContext]
+    pems: dict[str, Path]  # identity -> its certificate and key
     ciphertexts: list[str]
     known: list[bytes]  # the imported key, in every encoding
 
+    def context(self, who: str) -> ssl.SSLContext:
+        """A fresh context per connection: the clients set their ALPN on it."""
+        ctx = ssl.create_default_context(cafile=str(self.files.path("ca.pem")))
+        ctx.load_cert_chain(str(self.pems[who]))
+        return ctx
+
     def alive(self) -> bool:
-        client = Http1Client(self.port, self.contexts["admin"])
+        client = Http1Client(self.port, self.context("admin"))
         try:
             return (client.exchange(FuzzRequest("GET", "/version")).status == 200
                     and client.exchange(FuzzRequest("GET", "/v1/status")).status == 200)
@@ -331,25 +381,23 @@ class Kes:
             client.close()
 
 
-def _context(files: Files, cert: Issued, name: str) -> ssl.SSLContext:
+def _pem(files: Files, cert: Issued, name: str) -> Path:
     (files.work / f"{name}.pem").write_bytes(cert.cert_pem + cert.key_pem)
-    ctx = ssl.create_default_context(cafile=str(files.path("ca.pem")))
-    ctx.load_cert_chain(str(files.work / f"{name}.pem"))
-    return ctx
+    return files.work / f"{name}.pem"
 
 
 @pytest.fixture(scope="module")
 def kes(bao: DevBao, tmp_path_factory: pytest.TempPathFactory,
         secrets_registry: SecretsRegistry) -> Iterator[Kes]:
     files = Files.create(tmp_path_factory.mktemp("kes-fuzz"))
-    contexts = {"admin": _context(files, files.admin, "admin"),
-                "minio": _context(files, files.client, "minio"),
-                "stranger": _context(files, make_leaf(None, "stranger", client=True),
-                                     "stranger")}
-    known = bytes(range(1, 33))  # imported, so its bytes are known to look for
+    pems = {"admin": _pem(files, files.admin, "admin"),
+            "minio": _pem(files, files.client, "minio"),
+            "stranger": _pem(files, make_leaf(None, "stranger", client=True), "stranger")}
+    known = os.urandom(32)  # imported, so its bytes are known to look for; random, so
+    # that no file or answer holds them by chance (a counting pattern sits in .so files)
     secrets_registry.register(known, "KES fuzz imported key")
     with bootkey_kes(files, 1, bao.address, trivial=False) as (proc, port):
-        admin = Http1Client(port, contexts["admin"])
+        admin = Http1Client(port, Kes(port, 0, files, pems, [], []).context("admin"))
         for name in ("bench-key", "other-key"):
             assert admin.exchange(FuzzRequest("PUT", f"/v1/key/create/{name}")).status == 200
         body = json.dumps({"key": base64.b64encode(known).decode(), "cipher": "AES256"})
@@ -361,7 +409,7 @@ def kes(bao: DevBao, tmp_path_factory: pytest.TempPathFactory,
                                            body=b'{"context":"Y3R4"}'))
             ciphertexts.append(json.loads(a.body)["ciphertext"])
         admin.close()
-        yield Kes(port, proc.pid, files, contexts, ciphertexts,
+        yield Kes(port, proc.pid, files, pems, ciphertexts,
                   [e for e in encodings(known).values()])
 
 
@@ -369,7 +417,7 @@ def kes(bao: DevBao, tmp_path_factory: pytest.TempPathFactory,
 def test_fuzzed_requests_get_only_documented_answers(kes: Kes, protocol: str) -> None:
     client_class = PROTOCOLS[protocol]
     tally = Tally()
-    warm = client_class(kes.port, kes.contexts["minio"])
+    warm = client_class(kes.port, kes.context("minio"))
     for _ in range(200):  # the allocator's and caches' first growth is not a leak
         warm.exchange(FuzzRequest("PUT", "/v1/key/generate/bench-key", body=b'{}'))
     warm.close()
@@ -378,13 +426,13 @@ def test_fuzzed_requests_get_only_documented_answers(kes: Kes, protocol: str) ->
 
     # no shrinking: each example is a whole connection's worth of requests against a
     # live server, and the failure text names the request that failed
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=EXAMPLES[protocol], deadline=None, database=None,
               phases=[Phase.explicit, Phase.generate], print_blob=False,
               suppress_health_check=list(HealthCheck))
     @given(batch=st.lists(requests(kes.ciphertexts), min_size=PER_EXAMPLE[0],
                           max_size=PER_EXAMPLE[1]))
     def fuzz(batch: list[FuzzRequest]) -> None:
-        clients = {who: client_class(kes.port, ctx) for who, ctx in kes.contexts.items()}
+        clients = {who: client_class(kes.port, kes.context(who)) for who in kes.pems}
         try:
             # the fuzz may have deleted them
             for name in ("bench-key", "other-key"):
@@ -413,7 +461,7 @@ def test_fuzzed_requests_get_only_documented_answers(kes: Kes, protocol: str) ->
     t0 = time.monotonic()
     fuzz()
     elapsed = time.monotonic() - t0
-    assert tally.requests >= MIN_REQUESTS, (tally.requests, elapsed)
+    assert tally.requests >= MIN_REQUESTS[protocol], (tally.requests, elapsed)
     assert kes.alive()
     grown = rss_bytes(kes.pid) - rss_before
     assert grown < RSS_BOUND, f"server RSS grew by {grown >> 20} MiB over the fuzz: " \
@@ -424,7 +472,7 @@ def test_fuzzed_requests_get_only_documented_answers(kes: Kes, protocol: str) ->
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 def test_bodies_at_and_over_the_limit_get_documented_answers(kes: Kes, protocol: str) -> None:
-    client = PROTOCOLS[protocol](kes.port, kes.contexts["minio"])
+    client = PROTOCOLS[protocol](kes.port, kes.context("minio"))
     tally = Tally()
     body = b'{"context":"' + b"A" * 999_000 + b'"}'
     req = FuzzRequest("PUT", "/v1/key/generate/bench-key", body=body)
@@ -434,6 +482,24 @@ def test_bodies_at_and_over_the_limit_get_documented_answers(kes: Kes, protocol:
     client.close()
     assert not tally.failures, tally.failures
     assert kes.alive()
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_error_answers_keep_no_request_alive(bao: DevBao, tmp_path: Path,
+                                             protocol: str) -> None:
+    files = Files.create(tmp_path)
+    pems = {"minio": _pem(files, files.client, "minio")}
+    with bootkey_kes(files, 1, bao.address, trivial=False) as (proc, port):
+        kes = Kes(port, proc.pid, files, pems, [], [])
+        client = PROTOCOLS[protocol](port, kes.context("minio"))
+        missing = FuzzRequest("PUT", "/v1/key/generate/bench-missing", body=b" " * 300_000)
+        assert client.exchange(missing).status == 404
+        before = rss_bytes(proc.pid)
+        for _ in range(150):  # 45 MB of bodies, each answered "key does not exist"
+            client.exchange(missing)
+        client.close()
+        grown = rss_bytes(proc.pid) - before
+    assert grown < 16 << 20, f"server RSS grew by {grown >> 20} MiB"
 
 
 def test_the_oracle_refuses_what_the_policy_does_not_allow() -> None:

@@ -79,17 +79,23 @@ class SecretsRegistry:
 
     secrets: dict[bytes, str] = field(default_factory=dict)
     test_written: set[str] = field(default_factory=set)
+    homes: set[str] = field(default_factory=set)  # files a secret is meant to live in
     watched_dirs: list[Path] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def register(self, secret: bytes | bytearray | SecretBuffer, what: str) -> None:
+    def register(self, secret: bytes | bytearray | SecretBuffer, what: str, *,
+                 home: Path | None = None) -> None:
         """Remember a secret to scan for at the end of the run. `what` names its origin
-        (e.g. "enroll_direct data.img"); it is what a leak report prints."""
+        (e.g. "enroll_direct data.img"); it is what a leak report prints. `home` is the
+        file the test asked the product to write this secret to (a secret_id file
+        `setup-vault` writes): that file may hold it, and nothing else."""
         raw = bytes(secret.view) if isinstance(secret, SecretBuffer) else bytes(secret)
         if len(raw) < 8:
             raise ValueError(f"{what}: too short to scan for without false hits")
         with self._lock:
             self.secrets.setdefault(raw, what)
+            if home is not None:
+                self.homes.add(os.path.realpath(home))
 
     def watch(self, directory: Path) -> None:
         """Scan this directory too (one the suite writes to outside its tmp dirs)."""
@@ -105,9 +111,11 @@ class SecretsRegistry:
                 self.test_written.add(os.path.realpath(os.fsdecode(path)))
 
     def is_test_input(self, path: str, blob: bytes) -> bool:
-        """A file the test itself wrote holding one secret and nothing else: a key file
-        handed to cryptsetup, a secret_id file. Anything else with a secret is a leak."""
-        if os.path.realpath(path) not in self.test_written:
+        """A file the test itself wrote, or a secret's registered home, holding one
+        secret and nothing else: a key file handed to cryptsetup, a secret_id file.
+        Anything else with a secret is a leak."""
+        real = os.path.realpath(path)
+        if real not in self.test_written and real not in self.homes:
             return False
         contents = {blob, blob.strip()}  # a raw key may begin or end with a space byte
         return any(needle in contents for raw in self.secrets
@@ -175,6 +183,7 @@ def _scannable_files(roots: Iterable[Path]) -> Iterator[tuple[str, bytes]]:
 REGISTRY = SecretsRegistry()
 
 
-def register_secret(secret: bytes | bytearray | SecretBuffer, what: str) -> None:
+def register_secret(secret: bytes | bytearray | SecretBuffer, what: str, *,
+                    home: Path | None = None) -> None:
     """Register with the session's registry (for helpers that are not fixtures)."""
-    REGISTRY.register(secret, what)
+    REGISTRY.register(secret, what, home=home)

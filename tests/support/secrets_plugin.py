@@ -15,12 +15,14 @@ the encoded length is enough):
   `secrets_registry.watch(dir)`. LUKS images and files over 64 MiB are not read.
 
 What counts as a leak: any hit in captured output, and any hit in a file, except a test's
-own input. A file is a test input when test code (tests/ or bench/, in the pytest process)
-opened it for writing and it holds exactly one secret and nothing else (whitespace aside):
-a key file handed to cryptsetup, a secret_id file, an operator's passphrase file. A file
-written by the product — a bootkey or KES subprocess, bootkey/kes code running in-process,
-bao — is never a test input, nor is a log the test opened for a subprocess to write into:
-a key there is a leak whatever the file holds besides.
+own input or a secret's declared home. A file is a test input when test code (tests/ or
+bench/, in the pytest process) opened it for writing and it holds exactly one secret and
+nothing else (whitespace aside): a key file handed to cryptsetup, an operator's
+passphrase file. A declared home is the file a test asked the product to write a secret
+to (`register(secret, what, home=path)`: the secret_id file `setup-vault` writes), again
+holding that one secret and nothing else. Any other file the product wrote — a bootkey
+or KES subprocess, bootkey/kes code running in-process, bao — and any log the test opened
+for a subprocess to write into is a leak if it holds a secret, whatever else it holds.
 
 The report names the file or test and section, the secret's label and the encoding; never
 the secret. The scanner's own behaviour is proven by tests/test_secrets_scan.py on planted
