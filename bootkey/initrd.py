@@ -124,6 +124,31 @@ def module_files(modules: Mapping[str, object]) -> list[str]:
     return sorted(out)
 
 
+def parse_ldd(output: str) -> list[str]:
+    """Library paths from `ldd` output ("libffi.so.8 => /lib/…/libffi.so.8 (0x…)")."""
+    out = []
+    for line in output.splitlines():
+        _, arrow, rest = line.partition("=>")
+        path = rest.split("(")[0].strip() if arrow else ""
+        if path.startswith("/"):
+            out.append(path)
+    return out
+
+
+def shared_libraries(files: Iterable[str]) -> list[str]:
+    """What the extension modules link: dracut resolves libraries of executables only,
+    and lib-dynload's modules are not executable (_ctypes needs libffi, _ssl libssl)."""
+    import subprocess
+
+    libs: set[str] = set()
+    for f in files:
+        if ".so" in os.path.basename(f):
+            proc = subprocess.run(["ldd", f], capture_output=True, text=True, check=False,
+                                  timeout=30)
+            libs.update(parse_ldd(proc.stdout))
+    return sorted(libs)
+
+
 def runtime_files(config_path: Path) -> list[str]:
     """Everything the dracut module copies besides the interpreter: the modules the key
     socket path imports (imported here, in this process), then the config files."""
@@ -137,6 +162,7 @@ def runtime_files(config_path: Path) -> list[str]:
     cfg = config_mod.load(config_path)
     VaultSession.from_config(cfg)  # builds the hvac clients: their lazy imports too
     files = module_files(sys.modules)
+    files += shared_libraries(files)
     files += [str(p) for p in config_files(cfg, config_path) if p.exists()]
     return files
 

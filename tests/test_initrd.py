@@ -5,6 +5,7 @@ The boot itself is proven in tests/vm/test_initrd.py."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -81,6 +82,8 @@ def test_list_files_holds_the_unlock_path_and_not_the_cli(tmp_path: Path) -> Non
     for needed in ("keysocket.py", "vault.py", "unlock.py", "initrd.py", "idna.py"):
         assert needed in names, needed
     assert str(cfg) in files and str(sid) in files
+    # libraries of extension modules, which dracut would not resolve (ctypes → libffi)
+    assert any(Path(f).name.startswith("libffi.so") for f in files)
     # the CLI, enrolment and the KES server stay out of the initrd
     assert not any("/bootkey/commands/" in f or f.endswith("/bootkey/enroll.py")
                    or "/kes/" in f for f in files)
@@ -195,3 +198,53 @@ def test_the_vault_key_withdraws_the_console_prompt(vault_env2: VaultEnv,
     got = keys.key_for("root", time.monotonic() + 30)
     assert got is not None and bytes(got.view) == key
     assert list(ask_dir.iterdir()) == []
+
+
+def test_both_packages_ship_every_file_of_the_module() -> None:
+    build = (MODULE_DIR.parent.parent / "build-deb.sh").read_text()
+    spec = (MODULE_DIR.parent.parent / "bootkey.spec").read_text()
+    assert "/usr/lib/dracut/modules.d/90bootkey" in build
+    assert "/usr/lib/dracut/modules.d/90bootkey" in spec
+    # the spec installs the two unit files with one glob
+    spec = spec.replace("bootkey-initrd.s*", "bootkey-initrd.socket bootkey-initrd.service")
+    for f in MODULE_DIR.iterdir():
+        assert f.name in build, f.name
+        assert f.name in spec, f.name
+
+
+def test_parse_ldd() -> None:
+    out = ("\tlinux-vdso.so.1 (0x00007ffd)\n"
+           "\tlibffi.so.8 => /lib/x86_64-linux-gnu/libffi.so.8 (0x00007fac)\n"
+           "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007fab)\n"
+           "\t/lib64/ld-linux-x86-64.so.2 (0x00007fad)\n"
+           "\tlibmissing.so.1 => not found\n")
+    assert initrd.parse_ldd(out) == ["/lib/x86_64-linux-gnu/libffi.so.8",
+                                     "/lib/x86_64-linux-gnu/libc.so.6"]
+
+
+@pytest.mark.skipif(Path("/usr/lib/bootkey").exists(), reason="bootkey is installed here")
+def test_a_launcher_that_cannot_import_bootkey_declines_so_the_prompt_comes(
+    tmp_path: Path
+) -> None:
+    """The initrd launcher with no bootkey to import (as on this host: /usr/lib/bootkey is
+    absent) still answers systemd-cryptsetup, with zero bytes, instead of leaving it
+    blocked on a socket nobody accepts on."""
+    sock = tmp_path / "initrd.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(4)
+    fd = listener.fileno()
+    # as systemd passes it: the listening socket as fd 3, LISTEN_PID naming the process
+    proc = subprocess.Popen(
+        ["bash", "-c", f'exec 3<&{fd}; export LISTEN_PID=$$ LISTEN_FDS=1; '
+         'exec /usr/bin/python3 -IS "$0"', str(MODULE_DIR / "bootkey-initrd")],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, pass_fds=(fd,))
+    try:
+        assert systemd_client(sock, "root", timeout=20) == b""
+        assert systemd_client(sock, "root", timeout=20) == b""
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        listener.close()
+    assert "cannot start" in err and "the passphrase prompt takes over" in err
+

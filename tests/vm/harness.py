@@ -515,6 +515,7 @@ class VM:
         self.memory_mb, self.smp, self.timeout = memory_mb, smp, timeout
         self.cmdline = cmdline  # appended to the kernel command line
         self.console_path = workdir / "console.log"
+        self.console_sock = workdir / "console.sock"  # type_console() writes here
         self.qmp_path = workdir / "qmp.sock"
         self.out_disk = workdir / "bkout.img"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -534,7 +535,10 @@ class VM:
         argv = [
             QEMU, "-accel", "tcg", "-cpu", "max", "-smp", str(self.smp),
             "-m", str(self.memory_mb), "-nodefaults", "-display", "none", "-no-reboot",
-            "-serial", f"file:{self.console_path}",
+            # A socket to type into; everything the guest prints also goes to the log.
+            "-chardev", f"socket,id=con0,path={self.console_sock},server=on,wait=off,"
+                        f"logfile={self.console_path}",
+            "-serial", "chardev:con0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initrd),
             "-append", " ".join(("console=ttyS0 panic=-1 rw loglevel=4 systemd.show_status=1",
@@ -600,6 +604,14 @@ class VM:
                 raise AssertionError(
                     f"console never showed {pattern!r}:\n{self.console[-4000:]}")
             time.sleep(0.2)
+
+    def type_console(self, text: bytes) -> None:
+        """Type `text` on the serial console (connect, send, hang up: a client left
+        connected would have to keep reading the guest's output)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(self.console_sock))
+            s.sendall(text)
 
     def qmp(self) -> QMP:
         if self._qmp is None:

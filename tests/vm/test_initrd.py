@@ -16,13 +16,16 @@ import pytest
 
 from bootkey import keystore
 from bootkey.vault import VaultSession
-from tests.support.bao import DevBao
+from tests.support.bao import DevBao, free_port
+from tests.support.proxy import LateProxy
 from tests.support.scan import find_key
 from tests.support.vaultenv import VaultEnv, provision
 from tests.vm import harness, rootluks
 
 pytestmark = [
     pytest.mark.vm,
+    # the first test also builds the guest (two dracut runs, the encrypted root)
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(harness.QEMU is None, reason="qemu-system-x86_64 is not installed "
                        "(scripts/setup.sh installs qemu-system-x86)"),
 ]
@@ -45,8 +48,9 @@ exit 0
 
 @pytest.fixture(scope="module")
 def vault_env(bao: DevBao, tmp_path_factory: pytest.TempPathFactory) -> VaultEnv:
-    return provision(bao.client(), tmp_path_factory.mktemp("initrd-vault"),
-                     host_id=harness.MACHINE_ID)
+    workdir = tmp_path_factory.mktemp("initrd-vault")
+    env = provision(bao.client(), workdir, host_id=harness.MACHINE_ID)
+    return rootluks.fixed_ids(bao.client(), env, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +112,60 @@ def test_root_volume_unlocks_in_the_initrd_with_nobody_typing(
     net, opened = unlock_seconds(res.journal)
     print(f"VM-TIMING initrd-bootkey: qemu wall {res.seconds:.1f} s; network up {net} s; "
           f"root unlocked {opened} s")
+
+
+# --- the operator is never locked out ----------------------------------------------------
+
+PROMPT = r"enter passphrase for disk root"
+
+
+def test_vault_down_at_boot_a_passphrase_typed_on_the_console_opens_root(
+    root_guest: rootluks.RootGuest, tmp_path: Path
+) -> None:
+    dead = free_port()  # nothing listens: the guest's connections to Vault are refused
+    with boot(root_guest, tmp_path / "vm", dead) as vm:
+        vm.wait_console(PROMPT)
+        vm.type_console(rootluks.PASSPHRASE + b"\n")
+        res = vm.wait()
+    assert res.rc == 0, res.describe()
+    assert res.text("root-source.txt").strip() == "/dev/mapper/root", res.describe()
+    assert "sending the passphrase typed at the console" in res.journal, res.describe()
+    assert rootluks.PASSPHRASE.decode() not in res.console + res.journal
+
+
+def test_vault_back_within_the_timeout_opens_root_without_typing(
+    root_guest: rootluks.RootGuest, bao: DevBao, tmp_path: Path
+) -> None:
+    port = free_port()
+    proxy = LateProxy(port, ("127.0.0.1", bao.port))
+    try:
+        with boot(root_guest, tmp_path / "vm", port) as vm:
+            # bootkey is waiting (its prompt is up and nobody answers); now Vault appears
+            vm.wait_console(PROMPT)
+            proxy.start()
+            res = vm.wait()
+    finally:
+        proxy.stop()
+    assert res.rc == 0, res.describe()
+    assert res.text("root-source.txt").strip() == "/dev/mapper/root", res.describe()
+    assert "sending the passphrase typed" not in res.journal, res.describe()
+
+
+def test_destroyed_secret_id_falls_back_to_the_prompt_with_the_reason(
+    root_guest: rootluks.RootGuest, vault_env: VaultEnv, bao: DevBao, tmp_path: Path
+) -> None:
+    client = bao.client()
+    role = rootluks.role_name(client, vault_env)
+    secret_id = vault_env.secret_id_file.read_text()
+    client.auth.approle.destroy_secret_id(role, secret_id)
+    try:
+        with boot(root_guest, tmp_path / "vm", bao.port) as vm:
+            vm.wait_console(r"bootkey: volume root: no key from Vault: .*cannot log in")
+            # then systemd-cryptsetup's own prompt (bootkey's has been withdrawn)
+            vm.wait_console(r"(?s)no key from Vault.*nter passphrase for disk (?!root \(bootkey)")
+            vm.type_console(rootluks.PASSPHRASE + b"\n")
+            res = vm.wait()
+    finally:
+        client.auth.approle.create_custom_secret_id(role, secret_id)
+    assert res.rc == 0, res.describe()
+    assert res.text("root-source.txt").strip() == "/dev/mapper/root", res.describe()
