@@ -46,6 +46,7 @@ CREDSTORE = Path("/etc/credstore.encrypted")
 # Modules the key socket path imports, lazily included: hvac/requests resolve these on
 # the first request, after every import has run.
 _LAZY_MODULES = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "systemd.journal",
+                 "systemd.daemon",
                  "concurrent.futures.thread", "http.client", "email.parser", "json.decoder")
 
 
@@ -62,9 +63,8 @@ class RootSetup:
 
 
 def root_setup(name: str, luks_uuid: str, *, ip: str = "dhcp") -> RootSetup:
-    # password-cache=no: a passphrase typed at the fallback prompt is not kept in the
-    # kernel keyring. No headless=: the prompt is the way in when Vault is away.
-    crypttab = f"{name}  UUID={luks_uuid}  {SOCKET_PATH}  luks,x-initrd.attach,password-cache=no"
+    # No headless=: the prompt is the way in when Vault is away.
+    crypttab = f"{name}  UUID={luks_uuid}  {SOCKET_PATH}  luks,x-initrd.attach"
     dracut_conf = 'add_dracutmodules+=" bootkey "\n'
     cmdline = f"root=/dev/mapper/{name} rd.neednet=1 ip={ip}"
     return RootSetup(crypttab, dracut_conf, cmdline)
