@@ -43,6 +43,8 @@ DEFAULT_CONFIG = Path("/etc/bootkey/bootkey.toml")
 # Where the dracut module puts the encrypted secret_id credential (systemd-creds), and
 # the credential name the initrd unit loads it as.
 CREDSTORE = Path("/etc/credstore.encrypted")
+# How long bootkey waits for Vault before it also asks on the console.
+PROMPT_AFTER = 3.0
 # Modules the key socket path imports, lazily included: hvac/requests resolve these on
 # the first request, after every import has run.
 _LAZY_MODULES = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "systemd.journal",
@@ -171,9 +173,9 @@ def runtime_files(config_path: Path) -> list[str]:
 
 
 class InitrdKeys:
-    """The key provider: one Vault session, logged in on the first request. While it
-    waits for Vault it also asks on the console (systemd's password agents), and
-    whichever answers first is sent: a passphrase typed at once is never held up."""
+    """The key provider: one Vault session, logged in on the first request. When Vault
+    has not answered within PROMPT_AFTER it also asks on the console (systemd's password
+    agents), and whichever answers first is sent: a typed passphrase is never held up."""
 
     def __init__(self, cfg: Config, ask_dir: Path = askpassword.ASK_DIR) -> None:
         self.cfg = cfg
@@ -199,7 +201,13 @@ class InitrdKeys:
             return self._volumes.get(name)
 
     def is_managed(self, name: str) -> bool:
-        return self._volume(name) is not None
+        if self._volume(name) is not None:
+            return True
+        # crypttab names this socket only for bootkey's volumes: say why it declines.
+        print(f"bootkey: volume {name}: no device here carries this host's bootkey token "
+              f"(host_id {self.cfg.host_id or 'from /etc/machine-id'}) — type the "
+              "passphrase at the prompt", file=sys.stderr, flush=True)
+        return False
 
     def vault_key(self, vol: Volume, deadline: float) -> SecretBuffer | None:
         try:
@@ -224,6 +232,9 @@ class InitrdKeys:
         threading.Thread(target=lambda: race.offer_vault(self.vault_key(vol, deadline)),
                          name=f"vault-{volume}", daemon=True).start()
         typed: SecretBuffer | None = None
+        # Vault usually answers within this: then nobody sees a prompt at all.
+        if race.vault_done.wait(max(0.0, min(PROMPT_AFTER, deadline - time.monotonic()))):
+            return race.close()
         try:
             with askpassword.PassphrasePrompt(
                     f"Please enter passphrase for disk {volume} (bootkey is asking Vault):",

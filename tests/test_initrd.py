@@ -188,7 +188,7 @@ def test_a_passphrase_typed_while_vault_is_away_is_sent_at_once(
     assert list(ask_dir.iterdir()) == []
 
 
-def test_the_vault_key_withdraws_the_console_prompt(vault_env2: VaultEnv,
+def test_a_prompt_vault_answer_needs_no_console_prompt(vault_env2: VaultEnv,
                                                     tmp_path: Path) -> None:
     key = os.urandom(64)
     img = make_image(tmp_path / "root.img")
@@ -200,7 +200,7 @@ def test_the_vault_key_withdraws_the_console_prompt(vault_env2: VaultEnv,
     keys = initrd.InitrdKeys(cfg, ask_dir=ask_dir)
     got = keys.key_for("root", time.monotonic() + 30)
     assert got is not None and bytes(got.view) == key
-    assert list(ask_dir.iterdir()) == []
+    assert not ask_dir.exists() or list(ask_dir.iterdir()) == []
 
 
 def test_both_packages_ship_every_file_of_the_module() -> None:

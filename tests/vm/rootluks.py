@@ -43,8 +43,6 @@ DRACUT_MODULES = ("systemd", "systemd-initrd", "dracut-systemd", "systemd-udevd"
                   "fs-lib", "rootfs-block", "kernel-modules", "crypt")
 DRACUT_DRIVERS = ("virtio_pci", "virtio_blk", "virtio_net", "dm_crypt", "xts", "ecb",
                   "aesni_intel")
-CMDLINE = f"{root_setup(NAME, LUKS_UUID).kernel_cmdline} rd.udev.log_level=3"
-KEYFILE_CMDLINE = f"root=/dev/mapper/{NAME}"
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,14 @@ install() {
         return 1
     fi
     inst_multiple "${files[@]}"
-    # Name resolution (the Vault address may be a name) and the default host_id.
-    inst_multiple -o /etc/hosts /etc/nsswitch.conf /etc/resolv.conf /etc/machine-id \
+    # Name resolution (the Vault address may be a name) and the CA bundle.
+    inst_multiple -o /etc/hosts /etc/nsswitch.conf /etc/resolv.conf \
         /etc/ssl/certs/ca-certificates.crt
+    # The default host_id is /etc/machine-id. A generic initrd gets an empty one (systemd
+    # then makes up a new id each boot), and bootkey would find no volume of this host.
+    if [[ -s $dracutsysrootdir/etc/machine-id ]]; then
+        cp -f "$dracutsysrootdir"/etc/machine-id "$initdir"/etc/machine-id
+    fi
     inst_libdir_file -o "libnss_files.so.*" "libnss_dns.so.*" "libresolv.so.*"
     # crypttab lines that use the initrd socket, when dracut's crypt module (hostonly)
     # did not copy them: the generator in the initrd makes systemd-cryptsetup units.
