@@ -1,11 +1,18 @@
-"""Benchmark: bootkey's KES endpoint against the machine's ceiling (Debian nginx), with
-ApacheBench over mTLS.
+"""Benchmark: bootkey's KES endpoint against the machine's ceiling (Debian nginx): a
+MinIO-shaped Go client over HTTP/2, and ApacheBench over HTTP/1.1, both over mTLS.
 
     .venv/bin/python -m bench.kes                   # the full table (a few minutes)
     .venv/bin/python -m bench.kes --quick           # one short run per cell (smoke)
     .venv/bin/python -m bench.kes --long 600        # memory over a 10-minute run
 
 What runs:
+- The MinIO-shaped load (first table): bench/kesload/main.go, a Go program from the
+  standard library configured like kms-go (ForceAttemptHTTP2, Go's default of 2 idle
+  connections per host, an Ed25519 self-signed client certificate derived from a `kes:v1:`
+  API key), C goroutines calling generate or decrypt back to back at C = 1, 16, 64: req/s,
+  p50/p99, server CPU µs per call, TLS handshakes per 1,000 calls after a warm-up. Against
+  bootkey (h2), bootkey offering only http/1.1 in ALPN (what MinIO got before h2), and
+  nginx `listen ... ssl http2` with the static JSON (the ceiling).
 - bootkey: `kes.service.build` (routing, policy, keyring cache in front of a real
   `bao server -dev` KV v2, metrics, audit) served by `kes.server.run` with 1 and 2
   SO_REUSEPORT workers. The load identity is not admin: every request goes through the
@@ -49,6 +56,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kes.apikey import APIKey
 from kes.identity import of_certificate
 from kes.messages import Handler, Request, Response
 from tests.support.certs import Issued, make_ca, make_leaf
@@ -108,17 +116,21 @@ class Files:
     server: Issued
     client: Issued  # the load identity (ab)
     admin: Issued
+    apikey: Issued  # the load identity of the MinIO-shaped Go client: from a kes:v1: key
 
     @classmethod
     def create(cls, work: Path) -> Files:
         ca = make_ca("bench-ca")
+        key = APIKey.generate()
         f = cls(work, ca, make_leaf(ca, "kes", ips=["127.0.0.1"], dns=["localhost"]),
                 make_leaf(None, "minio", kind="ec", client=True),
-                make_leaf(None, "admin", kind="ed25519", client=True))
+                make_leaf(None, "admin", kind="ed25519", client=True),
+                Issued(key.private_key, key.certificate()))
         for name, data in (("ca.pem", ca.cert_pem), ("server.crt", f.server.cert_pem),
                            ("server.key", f.server.key_pem),
                            ("client.pem", f.client.cert_pem + f.client.key_pem),
-                           ("admin.crt", f.admin.cert_pem), ("admin.key", f.admin.key_pem)):
+                           ("admin.crt", f.admin.cert_pem), ("admin.key", f.admin.key_pem),
+                           ("apikey.crt", f.apikey.cert_pem), ("apikey.key", f.apikey.key_pem)):
             (work / name).write_bytes(data)
             os.chmod(work / name, 0o600)
         return f
@@ -160,9 +172,10 @@ def stop(proc: subprocess.Popen[Any]) -> None:
 
 
 @contextmanager
-def nginx(files: Files, workers: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def nginx(files: Files, workers: int,
+          http2: bool = False) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
-    prefix = files.work / f"nginx{workers}"
+    prefix = files.work / f"nginx{workers}{'-h2' if http2 else ''}"
     (prefix / "logs").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
@@ -174,7 +187,7 @@ http {{
     access_log off;
     keepalive_requests 100000000;
     server {{
-        listen 127.0.0.1:{port} ssl;
+        listen 127.0.0.1:{port} ssl{" http2" if http2 else ""};
         ssl_certificate {files.path("server.crt")};
         ssl_certificate_key {files.path("server.key")};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -225,6 +238,9 @@ else:
     from kes.tls_context import TLSConfig
     handler = trivial_handler()
     tls = TLSConfig(open(cfg["cert"], "rb").read(), open(cfg["key"], "rb").read())
+if not cfg["http2"]:
+    from kes.tls_context import build_context
+    tls = build_context(tls, http2=False)
 run(handler, tls, "127.0.0.1", cfg["port"], workers=cfg["workers"])
 """
 
@@ -246,7 +262,8 @@ def trivial_handler() -> Handler:
 
 @contextmanager
 def bootkey_kes(files: Files, workers: int, vault: str, *, trivial: bool, loop: str = "uvloop",
-                profile: str = "") -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+                profile: str = "",
+                http2: bool = True) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     ident = of_certificate(files.client.cert)
     section = {
@@ -254,7 +271,8 @@ def bootkey_kes(files: Files, workers: int, vault: str, *, trivial: bool, loop: 
         "admin": {"identity": of_certificate(files.admin.cert)},
         "tls": {"cert": str(files.path("server.crt")), "key": str(files.path("server.key"))},
         "policy": {"minio": {"allow": ["/v1/key/generate/bench-*", "/v1/key/decrypt/bench-*",
-                                       "/v1/status"], "identities": [ident]}},
+                                       "/v1/status"],
+                             "identities": [ident, of_certificate(files.apikey.cert)]}},
         "log": {"error": "on", "audit": "on"},
         "keystore": {"vault": {"endpoint": vault, "token": "root", "engine": "secret",
                                "version": "v2", "prefix": f"bench-{os.getpid()}-{port}"}},
@@ -262,6 +280,7 @@ def bootkey_kes(files: Files, workers: int, vault: str, *, trivial: bool, loop: 
     cfg = files.work / f"serve-{port}.json"
     cfg.write_text(json.dumps({"section": section, "port": port, "workers": workers,
                                "trivial": trivial, "loop": loop, "profile": profile,
+                               "http2": http2,
                                "cert": str(files.path("server.crt")),
                                "key": str(files.path("server.key"))}))
     root = Path(__file__).resolve().parents[1]
@@ -397,6 +416,124 @@ def interleaved(jobs: list[Job], *, n: int, c: int, keep_alive: bool,
     return out
 
 
+# The MinIO-shaped Go client ------------------------------------------------------------
+
+GO_LOAD = Path(__file__).resolve().parent / "kesload" / "main.go"
+
+
+def build_go_load(work: Path) -> Path:
+    out = work / "kesload"
+    # Standard library only: builds offline.
+    subprocess.run(["go", "build", "-o", str(out), str(GO_LOAD)], check=True, timeout=600,
+                   capture_output=True, env={**os.environ, "GO111MODULE": "off",
+                                             "GOCACHE": str(work / "gocache")})
+    return out
+
+
+@dataclass
+class GoCell:
+    rps: float
+    p50: float
+    p99: float
+    cpu_us: float  # server CPU per call
+    handshakes_per_1k: float  # TLS handshakes (full or resumed) per 1,000 calls
+    failed: int
+    cores: float
+    proto: str
+
+
+def go_once(t: Target, binary: Path, path: str, body: Path, *, c: int, seconds: float,
+            warmup: float) -> GoCell:
+    """One run of the MinIO-shaped client; server CPU is counted over the measured interval
+    only (the client says when it starts and ends)."""
+    files = t.files
+    cmd = [str(binary), "-url", f"https://127.0.0.1:{t.port}{path}",
+           "-ca", str(files.path("ca.pem")), "-cert", str(files.path("apikey.crt")),
+           "-key", str(files.path("apikey.key")), "-body", str(body), "-c", str(c),
+           "-warmup", str(warmup), "-seconds", str(seconds)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "measuring":
+            raise RuntimeError("kesload did not start measuring")
+        cpu0, t0 = cpu_seconds(t.pid), time.monotonic()
+        if proc.stdout.readline().strip() != "done":
+            raise RuntimeError("kesload did not finish")
+        cpu1, t1 = cpu_seconds(t.pid), time.monotonic()
+        r = json.loads(proc.stdout.readline())
+    if proc.returncode:
+        raise RuntimeError(f"kesload exited with {proc.returncode}")
+    calls = max(1, r["calls"])
+    return GoCell(r["rps"], r["p50_ms"], r["p99_ms"], (cpu1 - cpu0) / calls * 1e6,
+                  r["handshakes"] * 1000 / calls, r["errors"], (cpu1 - cpu0) / (t1 - t0),
+                  r["proto"])
+
+
+@dataclass
+class GoJob:
+    name: str
+    op: str
+    target: Target
+    path: str
+    body: Path
+
+    def run(self, binary: Path, *, c: int, seconds: float, warmup: float) -> GoCell:
+        return go_once(self.target, binary, self.path, self.body, c=c, seconds=seconds,
+                       warmup=warmup)
+
+
+def measure_go(jobs: list[GoJob], binary: Path, *, plan: Plan, results: Results) -> None:
+    """Every job at every concurrency, jobs taking turns run by run (see `interleaved`)."""
+    for c in plan.concurrency:
+        runs: list[list[GoCell]] = [[] for _ in jobs]
+        for _ in range(plan.repeat):
+            for job, mine in zip(jobs, runs, strict=True):
+                mine.append(job.run(binary, c=c, seconds=plan.go_seconds,
+                                    warmup=plan.go_warmup))
+        for job, mine in zip(jobs, runs, strict=True):
+            mine.sort(key=lambda r: r.rps)
+            cell = mine[len(mine) // 2]
+            results.go_cells[f"{job.name}|{job.op}|{c}"] = asdict(cell)
+            print(f"  {job.name:14} {job.op:8} go c={c:<3} {cell.rps:9.0f} req/s "
+                  f"p50 {cell.p50:.2f} p99 {cell.p99:.2f} ms  {cell.cpu_us:6.1f} us/call "
+                  f"{cell.handshakes_per_1k:6.1f} hs/1k  {cell.cores:.2f} cores  "
+                  f"{cell.proto}  failed {cell.failed}", flush=True)
+
+
+GO_ROWS = (("bootkey-1-h2", "bootkey, 1 worker, h2"),
+           ("bootkey-1-h1", "bootkey, 1 worker, HTTP/1.1 only (before)"),
+           ("bootkey-2-h2", "bootkey, 2 workers, h2"),
+           ("nginx-1-h2", "nginx, 1 worker, h2"),
+           ("nginx-2-h2", "nginx, 2 workers, h2"))
+
+
+def markdown_go(results: Results, plan: Plan) -> str:
+    cells = results.go_cells
+
+    def ceiling(c: int) -> float:
+        return max((cells[k]["rps"] for k in (f"nginx-1-h2|static|{c}", f"nginx-2-h2|static|{c}")
+                    if k in cells), default=0.0)
+
+    head = ["target", "route"] + [f"c={c}" for c in plan.concurrency]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, label in GO_ROWS:
+        for op in ("generate", "decrypt", "static"):
+            row = [cells.get(f"{name}|{op}|{c}") for c in plan.concurrency]
+            if not any(row):
+                continue
+            out = [label, op if op != "static" else "static JSON"]
+            for c, cell in zip(plan.concurrency, row, strict=True):
+                if cell is None:
+                    out.append("-")
+                    continue
+                pct = 100 * cell["rps"] / ceiling(c) if ceiling(c) else 0
+                fail = f" · **{cell['failed']} failed**" if cell["failed"] else ""
+                out.append(f"{cell['rps'] / 1000:.1f}k · {cell['p50']:.2f}/{cell['p99']:.2f} · "
+                           f"{pct:.0f}% · {cell['cpu_us']:.0f} µs · "
+                           f"{cell['handshakes_per_1k']:.1f} hs/1k{fail}")
+            lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 @dataclass
 class Plan:
     keep_alive_n: int
@@ -404,12 +541,15 @@ class Plan:
     repeat: int
     concurrency: tuple[int, ...] = (1, 16, 64)
     new_conn_concurrency: tuple[int, ...] = (1, 16)
+    go_seconds: float = 5.0
+    go_warmup: float = 1.0
 
 
 @dataclass
 class Results:
     trivial: bool = False
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+    go_cells: dict[str, dict[str, Any]] = field(default_factory=dict)
     in_process: dict[str, dict[str, float]] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)
@@ -541,14 +681,16 @@ import asyncio, base64, json, sys, tempfile, time
 from pathlib import Path
 from OpenSSL import SSL
 from kes.messages import Response
+from kes.apikey import APIKey
 from kes.identity import of_certificate
 from kes.keyring import MemKeyStore
 from kes.keyversion import KeyVersion
-from kes.server import Server, _Connection
+from kes.serve_http1 import HTTP1Connection
+from kes.server import Server
 from kes.tls_context import TLSConfig
 from tests.support.certs import make_ca, make_leaf
 
-mode, n = sys.argv[1], int(sys.argv[2])
+mode, n, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ca = make_ca("ca")
 srv = make_leaf(ca, "kes", ips=["127.0.0.1"])
 cli = make_leaf(None, "minio", kind="ec", client=True)
@@ -570,8 +712,9 @@ else:
     handler = svc.handler
 
 class Transport:
-    def __init__(self): self.out = []
+    def __init__(self): self.out, self.protocol = [], None
     def write(self, data): self.out.append(data)
+    def set_protocol(self, protocol): self.protocol = protocol
     def is_closing(self): return False
     def get_extra_info(self, key, default=None):
         return ("127.0.0.1", 1) if key == "peername" else default
@@ -581,13 +724,17 @@ class Transport:
 async def main():
     server = Server(handler, TLSConfig(srv.cert_pem, srv.key_pem))
     server._loop = asyncio.get_running_loop()
-    conn, t = _Connection(server), Transport()
+    conn, t = HTTP1Connection(server), Transport()
     conn.connection_made(t)
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.use_certificate(cli.cert)
     ctx.use_privatekey(cli.key)
+    if proto == "h2":
+        ctx.set_alpn_protos([b"h2"])
     c = SSL.Connection(ctx, None)
     c.set_connect_state()
+    def server():
+        return t.protocol or conn
     def to_client():
         if t.out:
             c.bio_write(b"".join(t.out))
@@ -597,13 +744,17 @@ async def main():
             c.do_handshake()
             break
         except SSL.WantReadError:
-            conn.data_received(c.bio_read(65536))
+            server().data_received(c.bio_read(65536))
             to_client()
     async def roundtrip(raw):
-        c.send(raw)
-        data = c.bio_read(65536)
+        if raw:
+            c.send(raw)
+        try:
+            data = c.bio_read(65536)
+        except SSL.WantReadError:
+            data = b""
         t0 = time.thread_time()
-        conn.data_received(data)
+        server().data_received(data)
         spent = time.thread_time() - t0
         got = b""
         for i in range(10000):
@@ -623,20 +774,67 @@ async def main():
                 "Content-type: application/json\r\n\r\n")
         return head.encode() + body
     context = base64.b64encode(b'{"MinIO":"bench/object"}').decode()
-    gen = post("/v1/key/generate/k", json.dumps({"context": context}).encode())
-    _, got = await roundtrip(gen)
-    ciphertext = json.loads(got.split(b"\r\n\r\n", 1)[1]).get("ciphertext", "")
-    dec = post("/v1/key/decrypt/k", json.dumps({"ciphertext": ciphertext,
-                                                "context": context}).encode())
+    gen_body = json.dumps({"context": context}).encode()
+    if proto == "h2":
+        import h2.config, h2.connection, h2.events
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                   header_encoding=None))
+        h2c.initiate_connection()
+        streams = {}
+        async def call(path, body):
+            # What Go's client sends: HEADERS, then DATA without a length, then END_STREAM.
+            sid = h2c.get_next_available_stream_id()
+            h2c.send_headers(sid, [(b":method", b"POST"), (b":path", path.encode()),
+                                   (b":scheme", b"https"), (b":authority", b"127.0.0.1:7373"),
+                                   (b"content-type", b"application/json"),
+                                   (b"accept-encoding", b"gzip"),
+                                   (b"user-agent", b"Go-http-client/2.0")])
+            h2c.send_data(sid, body)
+            h2c.end_stream(sid)
+            spent = 0.0
+            streams[sid] = [0, b"", False]
+            raw = h2c.data_to_send()
+            while True:
+                s, got = await roundtrip(raw)
+                spent += s
+                for ev in h2c.receive_data(got):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        streams[ev.stream_id][0] = int(dict(ev.headers)[b":status"])
+                    elif isinstance(ev, h2.events.DataReceived):
+                        streams[ev.stream_id][1] += ev.data
+                        h2c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        streams[ev.stream_id][2] = True
+                raw = h2c.data_to_send()
+                if streams[sid][2]:
+                    status, body, _ = streams.pop(sid)
+                    if raw:  # window updates: the server's work too
+                        c.send(raw)
+                        data = c.bio_read(65536)
+                        t0 = time.thread_time()
+                        server().data_received(data)
+                        spent += time.thread_time() - t0
+                    return spent, status, body
+                if not raw:
+                    raw = b""
+        _, _, got = await call("/v1/key/generate/k", gen_body)
+    else:
+        async def call(path, body):
+            spent, got = await roundtrip(post(path, body))
+            return spent, int(got.split(b" ", 2)[1]), got.split(b"\r\n\r\n", 1)[1]
+        _, _, got = await call("/v1/key/generate/k", gen_body)
+    ciphertext = json.loads(got).get("ciphertext", "")
+    dec_body = json.dumps({"ciphertext": ciphertext, "context": context}).encode()
     out = {}
-    for name, raw in (("generate", gen), ("decrypt", dec)):
+    for name, path, body in (("generate", "/v1/key/generate/k", gen_body),
+                             ("decrypt", "/v1/key/decrypt/k", dec_body)):
         best = float("inf")
         for _ in range(3):
             total = 0.0
             for _ in range(n):
-                spent, got = await roundtrip(raw)
+                spent, status, _ = await call(path, body)
                 total += spent
-            assert b" 200 " in got[:16], got[:200]
+            assert status == 200, status
             best = min(best, total / n * 1e6)
         out[name] = round(best, 1)
     print(json.dumps(out))
@@ -646,16 +844,73 @@ asyncio.run(main())
 
 
 def in_process(n: int) -> dict[str, dict[str, float]]:
+    """Server CPU per call in one process (no sockets, no load generator): the transport
+    with a trivial handler, and the full KES endpoint, over HTTP/1.1 and over h2."""
     root = Path(__file__).resolve().parents[1]
     out: dict[str, dict[str, float]] = {}
-    for mode in ("transport", "full"):
-        text = subprocess.run([sys.executable, "-c", INPROC, mode, str(n)], cwd=root,
-                              env={**os.environ, "PYTHONPATH": str(root)}, check=True,
-                              capture_output=True, text=True).stdout
-        out[mode] = json.loads(text.strip().splitlines()[-1])
-        print(f"  in-process server CPU, {mode:9}: generate {out[mode]['generate']} µs/req, "
-              f"decrypt {out[mode]['decrypt']} µs/req", flush=True)
+    for proto in ("h1", "h2"):
+        for mode in ("transport", "full"):
+            text = subprocess.run([sys.executable, "-c", INPROC, mode, str(n), proto], cwd=root,
+                                  env={**os.environ, "PYTHONPATH": str(root)}, check=True,
+                                  capture_output=True, text=True).stdout
+            key = mode if proto == "h1" else f"{mode} h2"
+            out[key] = json.loads(text.strip().splitlines()[-1])
+            print(f"  in-process server CPU, {key:12}: generate {out[key]['generate']} µs/req, "
+                  f"decrypt {out[key]['decrypt']} µs/req", flush=True)
+    out["h2 framing"] = h2_framing_cost(n)
+    print(f"  h2 framing alone (kes.http2, no TLS): {out['h2 framing']['generate']} µs/req",
+          flush=True)
     return out
+
+
+def h2_framing_cost(n: int) -> dict[str, float]:
+    """Server CPU per call of kes.http2 alone: the request Go's client sends (HEADERS, DATA,
+    END_STREAM), the answer's HEADERS and DATA, and the client's WINDOW_UPDATE, without TLS
+    and without a handler. The h2 library's share of an h2 call."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from kes import http2
+
+    server = http2.Connection(identity="ab" * 32, peer_cert=None, remote="x:1")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                  header_encoding=None))
+    client.initiate_connection()
+    server.feed(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    body = json.dumps({"context": CONTEXT_B64}).encode()
+    answer = STATIC_BODY.encode()
+    head = [(b":method", b"POST"), (b":path", f"/v1/key/generate/{KEY}".encode()),
+            (b":scheme", b"https"), (b":authority", b"127.0.0.1:7373"),
+            (b"content-type", b"application/json"), (b"accept-encoding", b"gzip"),
+            (b"user-agent", b"Go-http-client/2.0")]
+    best = float("inf")
+    for _ in range(3):
+        spent = 0.0
+        for _ in range(n):
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, head)
+            client.send_data(sid, body)
+            client.end_stream(sid)
+            raw = client.data_to_send()
+            t0 = time.thread_time()
+            for event in server.feed(raw):
+                if isinstance(event, http2.Dispatch):
+                    server.respond(event.stream_id, 200, "application/json", answer,
+                                   date=b"Fri, 04 Dec 2026 00:00:00 GMT")
+            out = server.data_to_send()
+            spent += time.thread_time() - t0
+            for ev in client.receive_data(out):
+                if isinstance(ev, h2.events.DataReceived):
+                    client.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            raw = client.data_to_send()
+            t0 = time.thread_time()
+            server.feed(raw)
+            server.data_to_send()
+            spent += time.thread_time() - t0
+        best = min(best, spent / n * 1e6)
+    return {"generate": round(best, 1)}
 
 
 def idle_memory(files: Files, port: int, pid: int, n: int) -> float:
@@ -708,6 +963,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long", type=float, default=0.0, metavar="SECONDS",
                     help="only the memory run: keep-alive load for this long")
     ap.add_argument("--json", type=Path, default=None, help="write raw results here")
+    ap.add_argument("--go-seconds", type=float, default=5.0,
+                    help="measured seconds per MinIO-shaped (Go, h2) run")
+    ap.add_argument("--no-go", action="store_true", help="skip the MinIO-shaped Go load")
+    ap.add_argument("--no-ab", action="store_true", help="skip the ab HTTP/1.1 table")
     a = ap.parse_args(argv)
 
     for tool in ("ab", "nginx"):
@@ -717,8 +976,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(a.requests, a.connections, a.repeat,
                 tuple(int(c) for c in a.concurrency.split(",") if c),
                 tuple(int(c) for c in a.new_concurrency.split(",") if c))
+    plan.go_seconds = a.go_seconds
     if a.quick:
-        plan = Plan(300, 30, 1, (1, 16), (4,))
+        plan = Plan(300, 30, 1, (1, 16), (4,), go_seconds=0.5, go_warmup=0.3)
+    go = not a.no_go and not a.long
+    if go and shutil.which("go") is None:
+        print("bench.kes: go not found — run scripts/setup.sh (or pass --no-go)", file=sys.stderr)
+        return 69
     workers = [int(w) for w in a.workers.split(",")]
     results = Results(trivial=a.trivial, versions=versions())
     loop = a.loop if a.loop == "asyncio" or "not installed" not in results.versions["uvloop"] \
@@ -733,8 +997,10 @@ def main(argv: list[str] | None = None) -> int:
         results.load.append(os.getloadavg()[0])
         if not a.long:
             results.in_process = in_process(1000 if a.quick else 10000)
+        binary = build_go_load(work) if go else None
         with ExitStack() as stack:
             jobs: list[Job] = []
+            go_jobs: list[GoJob] = []
             servers: list[tuple[int, subprocess.Popen[bytes], int]] = []
             for w in workers if not a.long else workers[:1]:
                 proc, port = stack.enter_context(bootkey_kes(
@@ -753,6 +1019,18 @@ def main(argv: list[str] | None = None) -> int:
                 results.memory[f"bootkey-{w}"] = {"rss_before_mib": rss_bytes(proc.pid) / 2**20}
                 jobs += [Job(f"bootkey-{w}", op, target, f"/v1/key/{op}/{KEY}", bodies[op])
                          for op in ("generate", "decrypt")]
+                go_jobs += [GoJob(f"bootkey-{w}-h2", op, target, f"/v1/key/{op}/{KEY}",
+                                  bodies[op]) for op in ("generate", "decrypt")]
+            if go:
+                # The issue's "before": the same server offering only HTTP/1.1 in ALPN.
+                proc, port = stack.enter_context(bootkey_kes(
+                    files, 1, bao.address, trivial=a.trivial, loop=a.loop, http2=False))
+                bodies = prepare_bodies(files, port, results.trivial)
+                print(f"bootkey KES HTTP/1.1 only, 1 worker, pid {proc.pid}, port {port}",
+                      flush=True)
+                target = Target(files, port, proc.pid)
+                go_jobs += [GoJob("bootkey-1-h1", op, target, f"/v1/key/{op}/{KEY}",
+                                  bodies[op]) for op in ("generate", "decrypt")]
             if not a.no_nginx and not a.long:
                 # nginx ignores the body; it gets the same bytes as a generate request.
                 nginx_body = files.path("nginx.json")
@@ -762,7 +1040,16 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"nginx, {w} worker(s), pid {proc.pid}, port {port}", flush=True)
                     jobs.append(Job(f"nginx-{w}", "static", Target(files, port, proc.pid),
                                     "/v1/key/generate/k", nginx_body))
-            if jobs:
+                    if go:
+                        proc, port = stack.enter_context(nginx(files, w, http2=True))
+                        print(f"nginx h2, {w} worker(s), pid {proc.pid}, port {port}",
+                              flush=True)
+                        go_jobs.append(GoJob(f"nginx-{w}-h2", "static",
+                                             Target(files, port, proc.pid),
+                                             "/v1/key/generate/k", nginx_body))
+            if go_jobs and binary is not None:
+                measure_go(go_jobs, binary, plan=plan, results=results)
+            if jobs and not a.no_ab:
                 measure(jobs, plan=plan, results=results)
             for w, proc, port in servers:
                 results.memory[f"bootkey-{w}"]["rss_after_mib"] = rss_bytes(proc.pid) / 2**20
@@ -780,18 +1067,21 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps(asdict(results), indent=1))
     if not a.long:
+        if results.go_cells:
+            print()
+            print(markdown_go(results, plan))
         print()
         print(markdown(results, plan, workers))
         print()
         for mode, v in results.in_process.items():
-            print(f"in-process server CPU per request ({mode}): generate {v['generate']} µs,"
-                  f" decrypt {v['decrypt']} µs")
+            print(f"in-process server CPU per request ({mode}): "
+                  + ", ".join(f"{op} {us} µs" for op, us in v.items()))
         print()
         print("versions:", ", ".join(f"{k} {v}" for k, v in results.versions.items()))
         print(f"load average (1 min) before/after: {results.load}")
         for k, v in results.memory.items():
             print(f"memory {k}: {v}")
-    failed = sum(c["failed"] for c in results.cells.values())
+    failed = sum(c["failed"] for c in [*results.cells.values(), *results.go_cells.values()])
     return 1 if failed else 0
 
 

@@ -11,12 +11,22 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+def _env() -> dict[str, str]:
+    env = dict(_ENV)
+    path = os.environ.get("PATH")
+    if path:
+        env["PATH"] = path
+    return env
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,7 @@ def run(
 
     `stdin` may hold a key: it is written to a pipe and never stored by this function.
     """
-    env = dict(_ENV)
-    path = os.environ.get("PATH")
-    if path:
-        env["PATH"] = path
+    env = _env()
     log.debug("run %s", " ".join(argv))
     with subprocess.Popen(
         list(argv),
@@ -69,3 +76,32 @@ def run(
             proc.kill()
             raise
     return Completed(tuple(argv), proc.returncode, out, err.decode("utf-8", "replace"))
+
+
+@contextmanager
+def spawned(
+    argv: Sequence[str],
+    *,
+    output: Path,
+    env: Mapping[str, str] | None = None,
+    stop_timeout: float = 10.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a long-lived child (a server) for the duration of the `with` block.
+
+    Same environment rule as `run` (plus `env`); stdout and stderr go to `output`. On
+    leaving the block the child gets SIGTERM, then SIGKILL after `stop_timeout` seconds:
+    it never outlives its owner's block."""
+    full = {**_env(), **(env or {})}
+    log.debug("spawn %s", " ".join(argv))
+    with open(output, "ab") as out:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=full, close_fds=True)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

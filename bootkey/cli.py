@@ -10,8 +10,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import import_module
+from typing import Any
 
 from bootkey import __version__
 from bootkey_core.errors import BootkeyError
@@ -20,12 +21,15 @@ from bootkey_core.errors import BootkeyError
 _COMMAND_MODULES = (
     "unlock",
     "agent",
+    "status",
     "enroll",
     "policy",
     "crypttab",
     "initrd",
     "kes",
     "demo",
+    "setup_vault",
+    "doctor",
 )
 
 EPILOG = """\
@@ -33,6 +37,7 @@ examples:
   bootkey unlock --all --check        verify every volume's Vault key, open nothing
   bootkey unlock --all                open every configured or enrolled volume
   bootkey policy                      print the Vault policy a booting host needs
+  bootkey status                      what the running agent is doing
 
 configuration: /etc/bootkey/bootkey.toml (--config or $BOOTKEY_CONFIG); see docs/.
 """
@@ -57,9 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *,
+         after_step: Callable[[Any], None] | None = None) -> int:
+    """`after_step` reaches the step executor of enroll/rotate/unenroll/import-vaultlocker
+    (bootkey.enroll.execute), which calls it after every step; the shipped entry point
+    passes none. The crash tests' launcher (tests/support/killing_bootkey.py) passes one
+    that SIGKILLs the process."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.after_step = after_step
     from bootkey import journal
 
     journal.setup(debug=args.debug)

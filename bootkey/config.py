@@ -1,55 +1,39 @@
 """bootkey's configuration: the TOML file of DESIGN §10 as frozen pydantic models.
 
-This is the one place defaults live. `parse(text, source)` is pure so tests can feed
-strings; `load(path)` reads the file. Every validation error becomes one `ConfigError`
-line naming the file, the field and the fix.
+This is the one place bootkey's defaults live; the parts other code shares come from
+elsewhere: the model base and error formatter (bootkey_core.model), the Vault connection
+and AppRole schema (bootkey_core.vault_config) and the typed `[kes]` section
+(kes.config.KesConfig). `parse(text, source)` is pure so tests can feed strings;
+`load(path)` reads the file. Every validation error becomes one `ConfigError` line
+naming the file, the field and the fix. Modules get their own section (`cfg.unlock`,
+`cfg.vault`, `cfg.kes`), not the whole Config.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from bootkey_core.duration import Duration
 from bootkey_core.errors import ConfigError
+from bootkey_core.model import Model, config_error
+from bootkey_core.vault_config import AppRoleConfig, VaultConnection
+from kes.config import KesConfig
+
+__all__ = ["AppRoleConfig", "Config", "KVConfig", "KeysocketConfig", "TransitConfig",
+           "UnlockConfig", "VaultConfig", "VolumeConfig", "check_volume_name", "load", "parse"]
 
 DEFAULT_PATH = Path("/etc/bootkey/bootkey.toml")
 MACHINE_ID = Path("/etc/machine-id")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AppRoleConfig(_Model):
-    mount: str = "approle"
-    role_id: str | None = None
-    role_id_file: Path | None = None
-    secret_id_file: Path | None = Path("/etc/bootkey/secret-id")
-    secret_id_credential: str | None = None
-    wrapped_secret_id_file: Path | None = None
-    remove_secret_id_file: bool = False
-
-    @model_validator(mode="after")
-    def _one_role_id(self) -> AppRoleConfig:
-        if self.role_id is not None and self.role_id_file is not None:
-            raise ValueError("set role_id or role_id_file, not both")
-        return self
-
-
-class KVConfig(_Model):
+class KVConfig(Model):
     mount: str = "secret"
     version: Literal[1, 2] = 2
     prefix: str = "bootkey"
@@ -60,35 +44,20 @@ class KVConfig(_Model):
         return v.strip("/")
 
 
-class TransitConfig(_Model):
+class TransitConfig(Model):
     mount: str = "transit"
     key: str = "bootkey"
 
 
-class VaultConfig(_Model):
-    address: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8200"], min_length=1)
-    ca_file: Path | None = None
-    namespace: str = ""
-    timeout: Duration = 5.0
-    approle: AppRoleConfig = AppRoleConfig()
+class VaultConfig(VaultConnection):
+    """`[vault]`: the connection and login (bootkey_core.vault_config, shared with KES)
+    plus where bootkey's sealed keys live."""
+
     kv: KVConfig = KVConfig()
     transit: TransitConfig = TransitConfig()
 
-    @field_validator("address", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
 
-    @field_validator("address")
-    @classmethod
-    def _urls(cls, v: list[str]) -> list[str]:
-        for a in v:
-            if not re.match(r"^https?://[^/\s]+", a):
-                raise ValueError(f"{a!r} is not a URL: use e.g. \"https://vault.example:8200\"")
-        return [a.rstrip("/") for a in v]
-
-
-class UnlockConfig(_Model):
+class UnlockConfig(Model):
     deadline: Duration = 300.0
     parallel: int = Field(default=8, ge=1, le=256)
     # Tests shorten this; production wants a short first retry and a cap that keeps the
@@ -107,35 +76,78 @@ class UnlockConfig(_Model):
     ready_timeout: Duration = 30.0
 
 
-class VolumeConfig(_Model):
-    name: str
+# The mapping name at unlock (/dev/mapper/NAME): device-mapper allows 127 bytes and
+# no '/'; the first character is alphanumeric so a name never looks like an option.
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}")
+VOLUME_NAME_RULE = "letters, digits, _ . + - (at most 127, starting with a letter or digit)"
+
+
+def check_volume_name(name: str) -> str:
+    """The one volume-name rule ([[volume]] name, `enroll --name`): returns `name`, or
+    raises ValueError saying what a usable name looks like."""
+    if not _VOLUME_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a usable mapping name: {VOLUME_NAME_RULE}")
+    return name
+
+
+VolumeName = Annotated[str, AfterValidator(check_volume_name)]
+
+
+class VolumeConfig(Model):
+    name: VolumeName
     device: str
     readonly: bool = False
     discard: bool = False
 
-    @field_validator("name")
-    @classmethod
-    def _dm_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}", v):
-            raise ValueError(f"{v!r} is not a usable mapping name: letters, digits, _ . + -")
-        return v
 
-
-class KeysocketConfig(_Model):
+class KeysocketConfig(Model):
     path: Path = Path("/run/bootkey/cryptsetup.sock")
     timeout: Duration = 30.0
     # where systemd-cryptsetup looks for <volume>.key when crypttab says `none`
     keys_dir: Path = Path("/run/cryptsetup-keys.d")
 
 
-class Config(_Model):
+class ControlConfig(Model):
+    path: Path = Path("/run/bootkey/control.sock")  # `bootkey status` asks the agent here
+
+
+class MetricsConfig(Model):
+    # Prometheus text at http://<address>/metrics, without TLS or auth: localhost only.
+    address: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _localhost(cls, v: str | None) -> str | None:
+        if v is not None:
+            loopback_port(v)
+        return v
+
+
+def loopback_port(address: str) -> tuple[str, int]:
+    """`127.0.0.1:9273` → ("127.0.0.1", 9273); ValueError unless host is a loopback one."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"{address!r} is not host:port — use e.g. \"127.0.0.1:9273\"")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{host} is not a localhost address — metrics have no TLS or auth, "
+                         "so bootkey serves them on 127.0.0.1, ::1 or localhost only")
+    return host, int(port)
+
+
+class Config(Model):
     host_id: str | None = None
     vault: VaultConfig = VaultConfig()
     unlock: UnlockConfig = UnlockConfig()
     volume: list[VolumeConfig] = Field(default_factory=list)
     keysocket: KeysocketConfig = KeysocketConfig()
-    # The [kes] section is validated by kes.config when the KES endpoint is enabled.
-    kes: dict[str, Any] = Field(default_factory=dict)
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    kes: KesConfig = KesConfig()
 
     @field_validator("host_id")
     @classmethod
@@ -168,26 +180,6 @@ class Config(_Model):
         return mid
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def _hint(err: Any) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return "unknown setting — check the spelling against docs/configuration.md"
-    if kind == "missing":
-        return "required — add it"
-    msg = str(err["msg"])
-    return msg.removeprefix("Value error, ")
-
-
 def parse(text: str, source: str = "<config>") -> Config:
     """Parse TOML text into a Config; raise ConfigError with one line per problem."""
     try:
@@ -197,8 +189,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        lines = [f"{source}: {_field_path(err['loc'])}: {_hint(err)}" for err in e.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise config_error(e, source) from None
 
 
 def load(path: Path | str | None = None) -> Config:

@@ -20,14 +20,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import hvac
 import requests
 
-from bootkey import provision
+from bootkey import _proc, setup_vault
 from bootkey.config import VaultConfig
 from bootkey_core.errors import BootkeyError
 
 Say = Callable[[str], None]
+
+# bounds on every child the demo runs: the dev server starts in well under a second,
+# each bootkey command in seconds, a luksFormat with pbkdf2 at 1000 iterations in 0.1 s
+SERVER_START_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 120.0
+FORMAT_TIMEOUT = 60.0
 
 
 class DemoFailed(BootkeyError):
@@ -60,56 +65,44 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _answers(address: str) -> bool:
+    try:
+        return requests.get(address + "/v1/sys/health", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 @contextmanager
 def dev_server(workdir: Path) -> Iterator[DevServer]:
     """`bao server -dev` on 127.0.0.1; the root token is read from its output (not put
     on its command line)."""
     port = _free_port()
     log_path = workdir / "bao.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [bao_binary(), "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir)})
-    try:
-        address = f"http://127.0.0.1:{port}"
-        token = ""
-        end = time.monotonic() + 30
+    address = f"http://127.0.0.1:{port}"
+    with _proc.spawned(
+        [bao_binary(), "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}"],
+        output=log_path, env={"HOME": str(workdir)},
+    ) as proc:
+        end = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < end and proc.poll() is None:
             m = re.search(rb"Root Token: (\S+)", log_path.read_bytes())
-            if m:
-                token = m.group(1).decode()
-                try:
-                    if requests.get(address + "/v1/sys/health", timeout=1).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
+            if m and _answers(address):
+                yield DevServer(proc, address, m.group(1).decode())
+                return
             time.sleep(0.05)
-        else:
-            raise DemoFailed(f"demo: OpenBao dev server did not start — see {log_path}")
-        yield DevServer(proc, address, token)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        raise DemoFailed(f"demo: OpenBao dev server did not start — see {log_path}")
 
 
-def _bootkey(cfg: Path, *args: str, stdin: bytes | None = None,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bootkey.cli", "--config", str(cfg), *args],
-        input=stdin.decode("latin-1") if stdin is not None else None, text=True,
-        capture_output=True, timeout=120, check=False,
-        env={**os.environ, **(env or {})})
+def _bootkey(cfg: Path, *args: str, stdin: bytes | None = None) -> _proc.Completed:
+    return _proc.run([sys.executable, "-m", "bootkey.cli", "--config", str(cfg), *args],
+                     stdin=stdin, timeout=COMMAND_TIMEOUT)
 
 
-def _must(res: subprocess.CompletedProcess[str], what: str) -> str:
+def _must(res: _proc.Completed, what: str) -> str:
     if res.returncode != 0:
-        raise DemoFailed(f"demo: {what} failed (exit {res.returncode}): "
-                         f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}")
-    return res.stdout
+        last = res.stderr.strip().splitlines()[-1:] or [""]
+        raise DemoFailed(f"demo: {what} failed (exit {res.returncode}): {last[0]}")
+    return res.stdout.decode()
 
 
 def run_demo(say: Say, *, volumes: int = 3, keep: bool = False) -> int:
@@ -122,26 +115,29 @@ def run_demo(say: Say, *, volumes: int = 3, keep: bool = False) -> int:
         with dev_server(work) as bao:
             say(f"1. OpenBao dev server on {bao.address}")
             host_id = secrets.token_hex(16)
-            vcfg = VaultConfig.model_validate({"address": bao.address})
-            root = hvac.Client(url=bao.address, token=bao.root_token)
-            provision.ensure_engines(root, vcfg)
-            creds = provision.create_host(root, vcfg, host_id)
-            say("2. Vault set up: KV v2 `secret/`, derived transit key `transit/keys/bootkey`, "
-                f"AppRole role `{creds.boot_policy}` with the boot policy "
-                "(`bootkey policy` prints it)")
             sid = work / "secret-id"
-            sid.write_text(creds.secret_id)
-            sid.chmod(0o600)
-            tok = work / "enroll-token"
-            tok.write_text(creds.enroll_token)
-            tok.chmod(0o600)
             imgs = work / "volumes"
             imgs.mkdir()
             cfg = work / "bootkey.toml"
             cfg.write_text(
                 f'host_id = "{host_id}"\n[vault]\naddress = ["{bao.address}"]\n'
-                f'[vault.approle]\nrole_id = "{creds.role_id}"\nsecret_id_file = "{sid}"\n'
                 f'[unlock]\ndeadline = "60s"\nsearch = ["{imgs}/*.img"]\n')
+            out = _must(_bootkey(cfg, "setup-vault", "--secret-id", "file",
+                                 "--secret-id-path", str(sid),
+                                 stdin=bao.root_token.encode() + b"\n"), "setup-vault")
+            report, _, toml = out.partition(f"# bootkey.toml for host {host_id}:\n")
+            say("2. bootkey setup-vault (admin token on stdin): AppRole, derived transit key, "
+                "boot and enroll policies (`bootkey policy`), a role with a periodic token, "
+                "a secret_id:")
+            for line in report.strip().splitlines():
+                say("     " + line)
+            with cfg.open("a") as f:
+                f.write(toml)
+            vcfg = VaultConfig.model_validate({"address": bao.address})
+            tok = work / "enroll-token"
+            tok.write_text(setup_vault.issue_enroll_token(
+                setup_vault.admin_client(vcfg, bao.root_token), vcfg, host_id))
+            tok.chmod(0o600)
             names = ["data", "logs", "backup", "scratch", "media", "db"][:volumes] + \
                 [f"vol{i}" for i in range(6, volumes)]
             passphrase = secrets.token_urlsafe(24).encode()
@@ -151,11 +147,13 @@ def run_demo(say: Say, *, volumes: int = 3, keep: bool = False) -> int:
                     f.truncate(32 << 20)
                 if i == 0:
                     # an existing LUKS2 volume with a human passphrase, as most are
-                    subprocess.run(
+                    res = _proc.run(
                         ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
                          "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                         "--key-file=-", str(img)], input=passphrase, check=True,
-                        capture_output=True)
+                         "--key-file=-", str(img)], stdin=passphrase, timeout=FORMAT_TIMEOUT)
+                    if res.returncode != 0:
+                        raise DemoFailed(f"demo: cryptsetup luksFormat {img} failed "
+                                         f"(exit {res.returncode}): {res.stderr.strip()}")
                     _must(_bootkey(cfg, "enroll", str(img), "--name", name,
                                    "--unlock-key-file", "-", "--token-file", str(tok),
                                    stdin=passphrase), f"enroll {name}")

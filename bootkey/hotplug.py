@@ -78,8 +78,12 @@ class HotplugWatcher:
     """
 
     def __init__(self, on_luks_device: Callable[[str], None], *, source: str | None = None,
-                 probe: Callable[[str], int | None] = luks.probe_magic) -> None:
+                 probe: Callable[[str], int | None] = luks.probe_magic,
+                 heartbeat: Callable[[], None] | None = None, tick: float = 10.0) -> None:
         self._on_luks_device = on_luks_device
+        # called at least every `tick` seconds while the watcher runs (the watchdog)
+        self._heartbeat = heartbeat
+        self._tick = tick
         self._source = source
         self._probe = probe
         self._monitor: Any = None
@@ -121,8 +125,11 @@ class HotplugWatcher:
     def _run(self) -> None:
         monitor = self._monitor
         while True:
+            if self._heartbeat is not None:
+                self._heartbeat()
             try:
-                ready, _, _ = select.select([monitor.fileno(), self._wake_r], [], [])
+                ready, _, _ = select.select([monitor.fileno(), self._wake_r], [], [],
+                                            self._tick if self._heartbeat else None)
             except OSError as e:
                 log.warning("hotplug: monitor failed: %s; no longer watching", e)
                 return

@@ -15,7 +15,7 @@ Invariants:
   connection we hold is a boot we hold.
 - Key bytes are never logged and are wiped (SecretBuffer.close) right after sending.
 
-The decision is sans-I/O (`parse_peer_address`, `decide`); `KeySocketServer` only moves
+The decision is sans-I/O (bootkey/keysocket_protocol.py); `KeySocketServer` only moves
 bytes. `place_key_links` puts /run/cryptsetup-keys.d/<volume>.key symlinks to the socket,
 so crypttab can keep `none` as keyfile and TPM2/FIDO2 tokens are still tried first.
 """
@@ -25,28 +25,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import stat
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bootkey._wakeup import stop_thread
+from bootkey._wakeup import Woken, accept_or_wake, stop_thread
 from bootkey.config import KeysocketConfig
+from bootkey.keysocket_protocol import Decision, Decline, PeerCred, decide, parse_peer_address
 from bootkey_core.errors import ConfigError
 from bootkey_core.secret import SecretBuffer
 
 log = logging.getLogger(__name__)
 
-# The infix systemd-cryptsetup uses when it wants the key itself. Other infixes
-# (cryptsetup-tpm2, cryptsetup-fido2-salt, cryptsetup-pkcs11) ask for an *encrypted blob*
-# for a token; bootkey has none to give and declines them.
-KEY_PHASE = "cryptsetup"
 # The systemd-socket unit names its fd so the agent can tell it from others it inherits.
 FD_NAME = "cryptsetup"
 # Where systemd-cryptsetup looks for a key when crypttab's keyfile field is `none`
@@ -56,81 +51,6 @@ KEYS_DIR = Path("/run/cryptsetup-keys.d")
 # we answer at once with zero bytes rather than queue (a queued client is a stuck boot).
 MAX_CONNECTIONS = 32
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    pid: int
-    uid: int
-    gid: int
-
-
-@dataclass(frozen=True)
-class KeyRequest:
-    """What a client's abstract address asks for: `phase` is the infix, e.g. cryptsetup."""
-
-    phase: str
-    volume: str
-
-
-@dataclass(frozen=True)
-class SendKey:
-    volume: str
-
-
-@dataclass(frozen=True)
-class Decline:
-    reason: str
-    volume: str | None = None
-
-
-Decision = SendKey | Decline
-
-
-def parse_peer_address(address: str | bytes) -> KeyRequest | None:
-    """systemd-cryptsetup's client address → what it asks for, or None if it is not one.
-
-    >>> parse_peer_address(b"\\0d7067f78d9827418/cryptsetup/data")
-    KeyRequest(phase='cryptsetup', volume='data')
-    >>> parse_peer_address("") is None   # unbound client: not systemd
-    True
-    """
-    # Python returns abstract names as bytes (leading NUL) and path names as str.
-    if not isinstance(address, bytes) or not address.startswith(b"\0"):
-        return None
-    try:
-        text = address[1:].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    parts = text.split("/", 2)
-    if len(parts) != 3:
-        return None
-    nonce, phase, volume = parts
-    if not nonce or not phase or not volume or "/" in volume or "\0" in volume:
-        return None
-    return KeyRequest(phase=phase, volume=volume)
-
-
-def decide(peer: PeerCred, address: str | bytes, is_managed: Callable[[str], bool]) -> Decision:
-    """Whether this peer gets a key. Pure: no I/O beyond what `is_managed` does.
-
-    >>> decide(PeerCred(1, 0, 0), b"\\0ab/cryptsetup/data", lambda v: v == "data")
-    SendKey(volume='data')
-    >>> decide(PeerCred(1, 1000, 1000), b"\\0ab/cryptsetup/data", lambda v: True).reason
-    'peer uid 1000 is not root'
-    """
-    req = parse_peer_address(address)
-    volume = req.volume if req else None
-    if peer.uid != 0:
-        return Decline(f"peer uid {peer.uid} is not root", volume)
-    if req is None:
-        return Decline("client address is not systemd-cryptsetup's \\0<random>/cryptsetup/<volume>")
-    if req.phase != KEY_PHASE:
-        return Decline(f"phase {req.phase!r} asks for a token blob, bootkey serves keys only",
-                       volume)
-    if not is_managed(req.volume):
-        return Decline("volume is not managed by bootkey", volume)
-    return SendKey(req.volume)
 
 
 class KeyProvider(Protocol):
@@ -185,20 +105,21 @@ def systemd_fds() -> dict[int, str]:
     return fds
 
 
-def _bind_path(path: Path) -> socket.socket:
-    """Listen on `path`: directory 0700 root, socket 0600, a stale socket replaced."""
+def bind_private_socket(path: Path, setting: str = "keysocket.path") -> socket.socket:
+    """Listen on `path`: directory 0700 root, socket 0600, a stale socket replaced.
+    `setting` names the config field in errors (the control socket uses this too)."""
     parent = path.parent
     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = parent.stat()
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise ConfigError(
-            f"keysocket.path: {parent} is not private (owner uid {st.st_uid}, mode "
+            f"{setting}: {parent} is not private (owner uid {st.st_uid}, mode "
             f"{stat.S_IMODE(st.st_mode):04o}) — make it 0700 and owned by the agent's user"
         )
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(
-                f"keysocket.path: {path} exists and is not a socket — remove it or choose"
+                f"{setting}: {path} exists and is not a socket — remove it or choose"
                 " another path"
             )
         path.unlink()
@@ -231,8 +152,13 @@ class KeySocketServer:
         *,
         activated_fds: Mapping[int, str] | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        heartbeat: Callable[[], None] | None = None,
+        tick: float = 10.0,
     ) -> None:
         self.path = config.path
+        # called at least every `tick` seconds while the accept loop runs (the watchdog)
+        self._heartbeat = heartbeat
+        self._tick = tick
         self.timeout = config.timeout
         self._key_for = key_for
         self._is_managed = is_managed
@@ -260,7 +186,7 @@ class KeySocketServer:
             self.activated = True
             log.info("key socket: serving the socket systemd passed (fd %d)", fd)
         else:
-            self._sock = _bind_path(self.path)
+            self._sock = bind_private_socket(self.path)
             self._owns_path = True
             log.info("key socket: listening on %s", self.path)
         self._stopping.clear()
@@ -320,23 +246,15 @@ class KeySocketServer:
         # agent being replaced) may take the connection between the two calls.
         sock.setblocking(False)
         while not self._stopping.is_set():
+            if self._heartbeat is not None:
+                self._heartbeat()
             try:
-                ready, _, _ = select.select([sock.fileno(), wake], [], [])
-            except OSError as e:
-                log.error("key socket: cannot wait for connections: %s", e)
+                conn = accept_or_wake(sock, wake, self._tick if self._heartbeat else None,
+                                      "key socket")
+            except Woken:
                 return
-            if wake in ready:
-                return
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
+            if conn is None:
                 continue
-            except OSError as e:
-                # EMFILE and friends: back off briefly instead of spinning.
-                log.warning("key socket: accept failed: %s", e.strerror or e)
-                self._stopping.wait(0.1)
-                continue
-            conn.setblocking(True)
             if not self._slots.acquire(blocking=False):
                 log.warning("key socket: %d connections in progress, declining a new one",
                             self._max_connections)

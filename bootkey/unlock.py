@@ -204,7 +204,8 @@ KeyUse = Callable[[Volume, SecretBuffer, int], Outcome]
 def check_key(vol: Volume, key: SecretBuffer, keyslot: int) -> Outcome:
     if luks.test_key(vol.device, key, keyslot) is not luks.KeyTest.OK:
         raise WrongKey(f"volume {vol.name} ({vol.device}): the Vault key does not open "
-                       f"keyslot {keyslot} — re-enroll with `bootkey rotate {vol.name}`")
+                       f"keyslot {keyslot} — re-key it with an existing passphrase or "
+                       f"keyfile: `bootkey rotate {vol.name} --unlock-key-file FILE`")
     return Outcome.VERIFIED
 
 
@@ -233,7 +234,9 @@ def candidate_keys(session: VaultSession, vol: Volume, deadline_at: float, *,
                   key=lambda k: (k.state != "active", -k.keyslot))
     if not keys:
         raise WrongKey(f"volume {vol.name} (UUID {vol.luks_uuid}): none of the keyslots "
-                       f"Vault holds keys for exists in the header — re-enroll it")
+                       "Vault holds keys for exists in the header — re-key it with an "
+                       "existing passphrase or keyfile: "
+                       f"`bootkey rotate {vol.name} --unlock-key-file FILE`")
     return keys
 
 
@@ -245,7 +248,9 @@ def key_for_volume(session: VaultSession, vol: Volume, deadline_at: float) -> Se
         if luks.test_key(vol.device, key, k.keyslot) is luks.KeyTest.OK:
             return key
         key.close()
-    raise WrongKey(f"volume {vol.name} (UUID {vol.luks_uuid}): no Vault key opens it")
+    raise WrongKey(f"volume {vol.name} (UUID {vol.luks_uuid}): no Vault key opens it — "
+                   "re-key it with an existing passphrase or keyfile: "
+                   f"`bootkey rotate {vol.name} --unlock-key-file FILE`")
 
 
 def unlock_one(session: VaultSession, vol: Volume, use: KeyUse,

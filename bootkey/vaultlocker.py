@@ -15,6 +15,7 @@ looked for again.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,20 @@ def _luks_uuids(devices: list[str]) -> dict[str, tuple[str, int]]:
     return out
 
 
+def configured_devices(cfg: Config) -> list[str]:
+    """The devices `[[volume]]` names (a path, UUID=, LABEL=, …) that are present now: a
+    volume listed there is found even when no scan or `[unlock] search` glob covers it."""
+    out: list[str] = []
+    for vc in cfg.volume:
+        try:
+            dev = luks.resolve_device(vc.device)
+        except BootkeyError:
+            continue  # not attached (yet): reported as "no device" if vaultlocker has it
+        if os.path.exists(dev):
+            out.append(os.path.realpath(dev))
+    return out
+
+
 def _old_keyslots(device: str, passphrase: SecretBuffer, exclude: set[int]) -> list[int]:
     hdr = luks.inspect(device)
     return [n for n in sorted(hdr.keyslots) if n not in exclude
@@ -132,14 +147,17 @@ def import_all(cfg: Config, session: VaultSession, host_id: str, *, backend: str
              if not n.endswith("/")]
     if not names:
         return []
-    found = _luks_uuids([*devices, *unlock.candidate_devices(cfg.unlock.search)])
+    found = _luks_uuids([*devices, *configured_devices(cfg),
+                         *unlock.candidate_devices(cfg.unlock.search)])
     results: list[ImportResult] = []
     for luks_uuid in sorted(names):
         where = VaultSession.kv_api_path(backend, version, f"{host}/{luks_uuid}")
         dev, luks_version = found.get(luks_uuid, (None, 0))
         if dev is None:
             results.append(ImportResult(luks_uuid, None, "skipped",
-                                        f"no device with this LUKS UUID here ({where})"))
+                                        f"no device with this LUKS UUID here ({where}; "
+                                        "looked at --device, [[volume]], every block device "
+                                        "and [unlock] search)"))
             continue
         if luks_version == 1:
             e = NotLuks(f"{dev}: LUKS1 volume — convert it with `cryptsetup convert --type "

@@ -43,3 +43,13 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def format_duration(seconds: float) -> str:
+    """Whole seconds in the same syntax `parse_duration` reads: 5400 → "1h30m",
+    125 → "2m5s", 0 → "0s"; infinity → "never" (a token without expiry)."""
+    if seconds == float("inf"):
+        return "never"
+    s = max(0, int(seconds))
+    parts = ((s // 3600, "h"), (s % 3600 // 60, "m"), (s % 60, "s"))
+    return "".join(f"{n}{unit}" for n, unit in parts if n) or "0s"

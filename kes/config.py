@@ -1,6 +1,7 @@
 """KES configuration: the `[kes]` section of bootkey.toml and KES's own YAML file, one model.
 
-The TOML section uses KES's YAML names (shared/kes-api.md §10), so a KES config translates
+`KesConfig` is the typed `[kes]` section of bootkey.config.Config. The TOML section uses
+KES's YAML names (shared/kes-api.md §10), so a KES config translates
 line by line: `[kes.admin] identity`, `[kes.tls] key/cert/auth/ca`, `[kes.policy.<name>]
 allow/deny/identities`, `[kes.cache.expiry] any/unused/offline`, `[kes.keystore.vault] …`.
 
@@ -8,7 +9,10 @@ KES YAML rules kept: unknown keys are ignored (TOML: refused, as everywhere in b
 scalar may be `${VAR}` — the whole trimmed value — and the variable must exist
 (`kesconf: referenced env. variable 'X' in line 'N' not found`); policy allow/deny
 patterns are never expanded; `root:` (KES <= v0.17.1) is read as `admin.identity`.
-Durations are Go durations ("5m0s", "1h30m", "250ms") or seconds.
+Durations are Go durations ("5m0s", "1h30m", "250ms") or seconds. The model base and the
+error formatter are bootkey_core.model's; `keystore.vault` keeps KES's names here and
+maps itself onto bootkey_core.vault_config (`VaultSection.connection()`), the schema the
+one Vault session reads.
 """
 
 from __future__ import annotations
@@ -21,29 +25,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from bootkey_core.duration import Duration  # Go-style durations, as KES YAML writes them
 from bootkey_core.errors import ConfigError
+from bootkey_core.model import Model, config_error
+from bootkey_core.vault_config import AppRoleConfig, VaultConnection
 from kes import policy as pol
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class AdminConfig(_Model):
+class AdminConfig(Model):
     identity: str = ""
 
 
-class VaultPKISection(_Model):
+class VaultPKISection(Model):
     """bootkey extension: the server certificate issued by Vault's PKI engine at start
     (`<mount>/issue/<role>`), private key only in memory, renewed at 2/3 of its life."""
 
@@ -55,7 +50,7 @@ class VaultPKISection(_Model):
     ttl: str = "720h"
 
 
-class TLSSection(_Model):
+class TLSSection(Model):
     key: Path | None = None
     cert: Path | None = None
     password: str = ""
@@ -78,29 +73,29 @@ class TLSSection(_Model):
         return v.strip().lower()
 
 
-class APIRoute(_Model):
+class APIRoute(Model):
     skip_auth: bool = False
     timeout: Duration | None = None
 
 
-class PolicySection(_Model):
+class PolicySection(Model):
     allow: list[str] = Field(default_factory=list)
     deny: list[str] = Field(default_factory=list)
     identities: list[str] = Field(default_factory=list)
 
 
-class ExpirySection(_Model):
+class ExpirySection(Model):
     # The documented defaults, not upstream's slip that makes an empty section any=30s.
     any: Duration = 300.0
     unused: Duration = 30.0
     offline: Duration = 0.0
 
 
-class CacheSection(_Model):
+class CacheSection(Model):
     expiry: ExpirySection = ExpirySection()
 
 
-class LogSection(_Model):
+class LogSection(Model):
     error: str = "on"
     audit: str = "on"
 
@@ -111,7 +106,7 @@ class LogSection(_Model):
         return v
 
 
-class KeySpec(_Model):
+class KeySpec(Model):
     name: str
 
     @field_validator("name")
@@ -122,29 +117,29 @@ class KeySpec(_Model):
         return v
 
 
-class TransitSection(_Model):
+class TransitSection(Model):
     engine: str = "transit"
     key: str = ""
 
 
-class AppRoleSection(_Model):
+class AppRoleSection(Model):
     engine: str = "approle"
     namespace: str = ""
     id: str = ""
     secret: str = Field(default="", repr=False)
 
 
-class VaultTLS(_Model):
+class VaultTLS(Model):
     key: Path | None = None
     cert: Path | None = None
     ca: Path | None = None
 
 
-class VaultStatus(_Model):
+class VaultStatus(Model):
     ping: Duration = 10.0
 
 
-class VaultSection(_Model):
+class VaultSection(Model):
     # Empty endpoint inside bootkey.toml: use the agent's own Vault session.
     endpoint: str = ""
     engine: str = "kv"
@@ -174,12 +169,31 @@ class VaultSection(_Model):
     def kv_version(self) -> int:
         return 2 if self.version == "v2" else 1
 
+    def connection(self, timeout: float = 15.0) -> VaultConnection | None:
+        """This section in the one Vault schema the session reads; None when `endpoint`
+        is empty (inside the agent: use the agent's session)."""
+        if not self.endpoint:
+            return None
+        ar = self.approle
+        approle = AppRoleConfig(
+            mount=(ar.engine or "approle") if ar else "approle",
+            # KES: approle.namespace "" = the section's namespace, "/" = the root one
+            namespace=ar.namespace or None if ar else None,
+            role_id=ar.id if ar else None,
+            secret_id=SecretStr(ar.secret) if ar else None,
+            secret_id_file=None)
+        return VaultConnection(
+            address=[self.endpoint], ca_file=self.tls.ca, client_cert=self.tls.cert,
+            client_key=self.tls.key, namespace=self.namespace, timeout=timeout,
+            token=SecretStr(self.token) if self.token and ar is None else None,
+            approle=approle)
 
-class KeystoreSection(_Model):
+
+class KeystoreSection(Model):
     vault: VaultSection | None = None
 
 
-class KesConfig(_Model):
+class KesConfig(Model):
     enabled: bool = False
     version: Literal["v1", ""] = ""
     address: str = "127.0.0.1:7373"
@@ -248,17 +262,7 @@ def log_level(v: str) -> int | None:
 
 
 def _errors(e: ValidationError, source: str) -> ConfigError:
-    def where(loc: tuple[int | str, ...]) -> str:
-        return ".".join(str(p) for p in loc)
-    lines = []
-    for err in e.errors():
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown setting — check the spelling against docs/kes.md"
-        elif err["type"] == "missing":
-            msg = "required — add it"
-        lines.append(f"{source}: {where(err['loc'])}: {msg}")
-    return ConfigError("\n".join(lines))
+    return config_error(e, source, docs="docs/kes.md")
 
 
 def from_section(section: dict[str, Any], source: str = "bootkey.toml [kes]") -> KesConfig:

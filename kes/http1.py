@@ -1,4 +1,5 @@
-"""HTTP/1.1 request framing and response heads for the KES server, without I/O.
+"""HTTP/1.1 request framing and response heads for the KES server, without I/O (its
+HTTP/2 counterpart is kes/http2.py; which one a connection uses is decided by ALPN).
 
 `RequestParser.feed(bytes)` returns the events the bytes completed: whole requests
 (pipelined ones in order), a `100 Continue` to send, or a terminal `BadRequest`.
@@ -9,17 +10,15 @@ bytes through TLS and the socket; everything here is tested with plain values.
 from __future__ import annotations
 
 import enum
-import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from urllib.parse import unquote_to_bytes
 
 import httptools
 from cryptography import x509
 
-from kes.messages import MAX_BODY, Request
+from kes.messages import MAX_BODY, Headers, Request, decode_path
 
 # Go's net/http allows 1 MiB of headers; KES clients send a few hundred bytes. 64 KiB
 # bounds what one idle connection can make us hold while staying far above real use.
@@ -58,41 +57,6 @@ class BadRequest:
 
 
 Event = Parsed | Continue | BadRequest
-
-
-class Headers(Mapping[str, str]):
-    """Request headers with lower-case names, decoded on first use: the KES API reads
-    none on the per-object routes, so most requests never pay for the decoding.
-    A repeated name reads as its values joined by ", ", as Go's `Header.Get` sees them."""
-
-    __slots__ = ("_decoded", "_raw")
-
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        self._raw = raw
-        self._decoded: dict[str, str] | None = None
-
-    def _dict(self) -> dict[str, str]:
-        decoded = self._decoded
-        if decoded is None:
-            decoded = self._decoded = {}
-            # Header bytes are latin-1 per RFC 9110 §5.5.
-            for n, v in self._raw:
-                key, text = n.decode("latin-1").lower(), v.decode("latin-1")
-                old = decoded.get(key)
-                decoded[key] = text if old is None else f"{old}, {text}"
-        return decoded
-
-    def __getitem__(self, name: str) -> str:
-        return self._dict()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._dict())
-
-    def __len__(self) -> int:
-        return len(self._dict())
-
-    def __repr__(self) -> str:
-        return f"Headers({self._dict()!r})"
 
 
 # Methods come as bytes; decoding the usual ones once saves a call per request.
@@ -223,7 +187,7 @@ class RequestParser:
     def on_message_complete(self) -> None:
         raw_method = self._parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("ascii")
-        path = _decode_path(self._url)
+        path = decode_path(self._url)
         if path is None:
             raise httptools.HttpParserInvalidURLError("invalid request target")
         chunks = self._body
@@ -237,26 +201,6 @@ class RequestParser:
 
 class _HeadTooLarge(Exception):
     pass
-
-
-# MinIO sends a handful of distinct request targets: decode each once.
-@functools.lru_cache(maxsize=4096)
-def _decode_path(url: bytes) -> str | None:
-    """Percent-decoded path without the query, as Go's `r.URL.Path`; None if unusable."""
-    if url.startswith(b"/") and b"%" not in url and b"?" not in url and b"#" not in url:
-        raw = url  # the common case, no parsing needed
-    else:
-        try:
-            raw = httptools.parse_url(url).path or b""
-        except httptools.HttpParserInvalidURLError:
-            return None
-        if not raw.startswith(b"/"):
-            return None
-        raw = unquote_to_bytes(raw)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 # Responses ------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ class Metrics:
         yield _single("kes_system_mem_heap_objects", "Heap objects (not tracked: 0)", "gauge", 0)
         yield _single("kes_system_mem_stack_used", "Stack bytes", "gauge", stack)
 
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's Collector protocol: the agent registers this object in its
+        own registry, so `/metrics` there and `/v1/metrics` here count the same requests."""
+        return self.families()
+
     def exposition(self) -> bytes:
         lines: list[str] = []
         for m in self.families():

@@ -1,50 +1,45 @@
-"""The KES transport: mTLS + HTTP/1.1 on asyncio, TLS through OpenSSL memory BIOs.
+"""The KES transport: mTLS + HTTP/1.1 or HTTP/2 on asyncio, TLS through OpenSSL memory BIOs.
 
-One `_Connection` (an `asyncio.Protocol`) per client owns a `kes.tls_session.Session`:
-ciphertext from the socket is written into OpenSSL, plaintext read out of it is fed to
-the sans-I/O `kes.http1.RequestParser`, and every time OpenSSL is called its outgoing
-BIO is drained to the socket (KES-TLS-STACKS.md pitfall 1: a missed flush hangs a
-handshake or swallows an alert). The identity is computed once, at the handshake.
+The modules, by job: kes/tls_context.py builds the server's TLS context (settings, ALPN);
+kes/tls_session.py is one connection's TLS session; kes/http1.py and kes/http2.py turn
+plaintext into `kes.messages.Request`s and `Response`s back into bytes, without I/O;
+kes/serve_http1.py and kes/serve_http2.py serve one connection of each protocol (bytes
+between socket, TLS and framing; handlers; backpressure), on what kes/connection.py gives
+both; this module is the listener, the timeouts' sweep and the entry points; kes/workers.py
+forks and supervises SO_REUSEPORT worker processes.
 
-Handlers run eagerly: the handler coroutine's first step runs inside `data_received`,
-and one that finishes without suspending (the usual cached-key generate/decrypt) is
-answered there, with no Task and no extra loop iteration; one that suspends is carried
-on by a Task from where it stopped. That first step runs outside any Task, so a handler
-must not call `asyncio.timeout()`, `asyncio.TaskGroup()` or `asyncio.current_task()`
-before its first `await` that really suspends (`asyncio.wait_for` is fine); doing so
-fails loudly (500).
+Every connection starts as an `HTTP1Connection`; one whose handshake chose ALPN `h2` hands
+itself over to an `HTTP2Connection`.
 
 Timeouts follow KES (read-header 5 s, idle 90 s) plus a handshake and a body timeout; they
 are checked by one sweep per server instead of a timer per request.
 
 Entry points: `Server` (async, for a running loop), `ServerThread` (its own loop in a
-thread: tests and the agent) and `run` (blocking, signals, optional SO_REUSEPORT workers).
+thread: tests and the agent) and `run` (blocking, signals; with `workers > 1` the
+SO_REUSEPORT process supervisor in kes/workers.py forks and watches the workers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import ctypes
 import datetime as dt
 import logging
 import os
 import signal
 import socket
 import threading
-import time
-from collections.abc import Callable, Coroutine, Generator
-from email.utils import formatdate
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TypedDict, Unpack, cast
+from typing import TypedDict, Unpack
 
 from OpenSSL import SSL
 
 from bootkey_core.errors import BootkeyError
-from kes import http1, tls_session
-from kes.identity import of_certificate
-from kes.messages import MAX_BODY, Handler, Request, Response
+from kes import tls_session
+from kes import workers as workers_
+from kes.messages import MAX_BODY, Handler
+from kes.serve_http1 import HTTP1Connection
+from kes.serve_http2 import HTTP2Connection
 from kes.tls_context import CertSource, TLSConfig, build_context, renewal_delay
 
 log = logging.getLogger(__name__)
@@ -59,11 +54,6 @@ BODY_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 1.0  # KES: graceful shutdown gets 1 s, then connections are closed
 RENEW_RETRY = 30.0  # after a failed certificate renewal; the old one stays in use meanwhile
 RENEW_MIN_INTERVAL = 1.0  # never renew in a tight loop, whatever lifetime the issuer grants
-# Requests parsed ahead while one is being answered; beyond this we stop reading, so a
-# client pipelining without reading responses cannot make us queue without bound.
-MAX_PIPELINED = 32
-_BATCH_BYTES = 256 * 1024  # output per _serve_pending round before yielding to the loop
-_INTERNAL_ERROR = b'{"message":"internal server error"}\n'
 
 
 class Timeouts(TypedDict, total=False):
@@ -75,477 +65,6 @@ class Timeouts(TypedDict, total=False):
     body_timeout: float
     shutdown_grace: float
     max_body: int
-
-
-class _Date:
-    """The HTTP Date header value, formatted at most once per second."""
-
-    __slots__ = ("_second", "_value")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = b""
-
-    def get(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._value = formatdate(now, usegmt=True).encode("ascii")
-        return self._value
-
-
-_date = _Date()
-
-
-class _Resume:
-    """Awaitable that continues a handler coroutine which already ran up to its first
-    suspension (`first`, the future it is waiting on) outside any Task. Sending and
-    throwing are passed through, so a Task awaiting this behaves as if it had run the
-    coroutine from the start (cancellation included)."""
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Coroutine[Any, Any, Response], first: Any) -> None:
-        self._coro = coro
-        self._first = first
-
-    def __await__(self) -> Generator[Any, Any, Response]:
-        coro, pending = self._coro, self._first
-        while True:
-            try:
-                value = yield pending
-            except BaseException as exc:  # forwarded into the coroutine
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration as done:
-                    return cast(Response, done.value)
-            else:
-                try:
-                    pending = coro.send(value)
-                except StopIteration as done:
-                    return cast(Response, done.value)
-
-
-def _handler_failed(request: Request) -> Response:
-    """Call from an `except` block: log the handler's exception, answer 500."""
-    log.exception("kes: handler failed on %s %s", request.method, request.path)
-    return Response(500, _INTERNAL_ERROR)
-
-
-class _Connection(asyncio.Protocol):
-    def __init__(self, server: Server) -> None:
-        self._server = server
-        self._loop = server.loop
-        self._tls = tls_session.Session(server.context, server.scratch)
-        self._transport: asyncio.Transport | None = None
-        self._parser: http1.RequestParser | None = None  # created at the handshake
-        self._pending: collections.deque[http1.Event] = collections.deque()
-        self._task: asyncio.Task[None] | None = None
-        self._busy = False  # a request is being answered
-        self._streaming = False
-        self._write_paused = False
-        self._read_paused = False
-        self._sent = 0  # bytes handed to TLS in the current _serve_pending round
-        self._dirty = False  # _send was called since the last _flush
-        self._flush_queued = False  # in the server's end-of-iteration flush list
-        self._drain: asyncio.Future[None] | None = None
-        self._peer_closed = False
-        self._closed = False
-        self._close_when_idle = False
-        self._state: http1.State | None = None  # None while handshaking
-        self.deadline: float | None = None
-        self.remote = ""
-
-    # asyncio callbacks ---------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport; uvloop's does not subclass asyncio.Transport, hence no isinstance.
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            host = peer[0]
-            self.remote = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Responses are written whole; do not let Nagle hold the last segment.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.deadline = self._loop.time() + self._server.handshake_timeout
-        self._server.connections.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self._closed:
-            return
-        self._tls.feed(data)
-        if self._parser is None and (not self._handshake() or self._closed):
-            return
-        self._pump_in()
-        if not self._busy:
-            self._serve_pending()
-        elif self._dirty:
-            self._flush_soon()
-
-    def eof_received(self) -> bool:
-        self._on_peer_closed()
-        return True  # keep the write side open to finish what is in flight
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-        if not self._busy and not self._closed:
-            self._serve_pending()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._server.connections.discard(self)
-        if self._parser is not None:
-            self._parser.release()
-        if self._task is not None:
-            self._task.cancel()
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(ConnectionResetError("client went away"))
-            self._drain.exception()  # retrieved: nobody may be waiting any more
-
-    # TLS -----------------------------------------------------------------------------
-
-    def _handshake(self) -> bool:
-        tls = self._tls
-        try:
-            done = tls.handshake()
-        except SSL.Error as exc:
-            # Missing/unacceptable certificate, bad version, garbage: send the alert first.
-            log.debug("kes: TLS handshake with %s failed: %s", self.remote, exc)
-            self._flush()
-            self._abort_after_flush()
-            return False
-        if not done:
-            self._flush()
-            return False
-        cert = tls.conn.get_peer_certificate(as_cryptography=True)
-        self._parser = http1.RequestParser(
-            identity=of_certificate(cert) if cert is not None else None,
-            peer_cert=cert,
-            remote=self.remote,
-            max_body=self._server.max_body,
-        )
-        self._flush()  # TLS 1.2: the server's Finished; TLS 1.3: the session tickets
-        self._set_state(http1.State.IDLE)
-        return True
-
-    def _pump_in(self) -> None:
-        """Feed decrypted bytes to the parser until OpenSSL has no more or the pipeline is full."""
-        tls, parser, pending = self._tls, self._parser, self._pending
-        assert parser is not None  # noqa: S101 - only called after the handshake
-        while len(pending) < MAX_PIPELINED:
-            try:
-                plain = tls.read()
-            except SSL.Error as exc:
-                log.debug("kes: TLS error from %s: %s", self.remote, exc)
-                self._flush()
-                self._abort_after_flush()
-                return
-            if not plain:
-                if plain is None:  # close_notify
-                    self._on_peer_closed()
-                break
-            events = parser.feed(plain)
-            if events:
-                pending.extend(events)
-            if parser.state is http1.State.DEAD:
-                break
-        else:
-            self._pause_reading()
-        if not self._busy and not pending and parser.state is not self._state:
-            self._set_state(parser.state)
-
-    def _flush(self) -> None:
-        """Move everything OpenSSL has queued to the socket. Called unconditionally after
-        handshake steps, errors and shutdown; after request processing only when something
-        was sent (`_dirty`), which saves an empty BIO read per request. Output that a
-        `recv` alone produces (a TLS 1.3 KeyUpdate reply) goes out with the next write."""
-        self._dirty = False
-        out = self._tls.take()
-        transport = self._transport
-        if out and transport is not None and not transport.is_closing():
-            transport.write(out)
-
-    def _flush_soon(self) -> None:
-        """Queue this connection's answers for the end of the loop iteration, when the
-        server writes every connection's answers back to back. One epoll round usually
-        brings requests on many connections; written one at a time, each answer woke the
-        client again (on a VM a wake-up is an IPI and a few µs of the server's system
-        time); back to back, the first write wakes it for all of them."""
-        if not self._flush_queued:
-            self._flush_queued = True
-            self._server.flush_soon(self)
-
-    def flush_queued(self) -> None:
-        self._flush_queued = False
-        if self._dirty and not self._closed:
-            self._flush()
-
-    def _send(self, data: bytes) -> None:
-        self._dirty = True
-        self._sent += len(data)
-        self._tls.write(data)
-
-    # Flow control and timeouts -------------------------------------------------------
-
-    def _pause_reading(self) -> None:
-        if not self._read_paused and self._transport is not None:
-            self._read_paused = True
-            self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._read_paused and self._transport is not None and not self._closed:
-            self._read_paused = False
-            self._transport.resume_reading()
-
-    def _set_state(self, state: http1.State | None) -> None:
-        self._state = state
-        server = self._server
-        if state is http1.State.IDLE:
-            if self._close_when_idle or self._peer_closed:
-                self._close()
-                return
-            self.deadline = self._loop.time() + server.idle_timeout
-        elif state is http1.State.HEADERS:
-            self.deadline = self._loop.time() + server.header_timeout
-        elif state is http1.State.BODY:
-            self.deadline = self._loop.time() + server.body_timeout
-        else:
-            self.deadline = None
-
-    def check_deadline(self, now: float) -> None:
-        if self.deadline is None or now < self.deadline or self._closed:
-            return
-        if self._parser is None:
-            log.debug("kes: TLS handshake timeout from %s", self.remote)
-            self._abort()
-        elif self._state is http1.State.IDLE:
-            self._close()  # idle keep-alive connection: a clean close_notify + FIN
-        else:
-            log.debug("kes: %s timeout from %s", self._state, self.remote)
-            self._close()
-
-    def _on_peer_closed(self) -> None:
-        self._peer_closed = True
-        if self._streaming and self._task is not None:
-            self._task.cancel()  # a log stream ends when its client goes away
-        elif not self._busy and not self._pending:
-            self._close()
-
-    def close_soon(self) -> None:
-        """Server shutdown: close now if idle, otherwise after the current response."""
-        self._close_when_idle = True
-        if self._parser is None or (not self._busy and self._state is http1.State.IDLE):
-            self._close()
-        elif self._streaming and self._task is not None:
-            self._task.cancel()
-
-    # Serving -------------------------------------------------------------------------
-
-    def _serve_pending(self) -> None:
-        """Answer queued requests in order, for as long as each handler finishes without
-        suspending; then flush everything at once (pipelined responses share a write).
-        After `_BATCH_BYTES` of output the rest waits for the next loop iteration, so the
-        transport gets a chance to report backpressure (uvloop calls pause_writing only
-        then) before a pipelining client that does not read makes us buffer more."""
-        pending = self._pending
-        self._sent = 0
-        while pending and not self._closed and not self._write_paused:
-            if self._sent >= _BATCH_BYTES:
-                self._yield_to_loop()
-                return
-            event = pending.popleft()
-            if type(event) is http1.Parsed:
-                self._busy = True
-                self.deadline = None
-                task = self._handle(event)
-                if task is None:
-                    continue
-                self._task = task
-                task.add_done_callback(self._task_done)
-                if self._dirty:
-                    self._flush_soon()
-                return
-            if type(event) is http1.Continue:
-                self._send(http1.CONTINUE)
-            elif type(event) is http1.BadRequest:
-                log.debug("kes: bad request from %s: %s", self.remote, event.detail)
-                self._send(http1.error_response(event.status, _date.get()))
-                self._close()
-                return
-        self._busy = False
-        if self._closed:
-            return
-        if self._dirty:
-            self._flush_soon()
-        if not pending and not self._write_paused:
-            if self._read_paused:
-                self._resume_reading()
-                self._pump_in()  # ciphertext may be waiting in the BIO from before the pause
-                if pending:
-                    self._yield_to_loop()
-                    return
-            assert self._parser is not None  # noqa: S101
-            self._set_state(self._parser.state)
-        elif self._write_paused:
-            self._pause_reading()
-
-    def _handle(self, event: http1.Parsed) -> asyncio.Task[None] | None:
-        """Answer `event` at once if its handler finishes without suspending (the usual
-        cached-key generate/decrypt); otherwise return the Task that carries it on from
-        where it stopped."""
-        request = event.request
-        coro = self._server.handler(request)
-        try:
-            first = coro.send(None)
-        except StopIteration as done:
-            response: Response = done.value
-        except Exception:
-            response = _handler_failed(request)
-        else:
-            return self._loop.create_task(self._finish(event, _Resume(coro, first)))
-        if response.stream is not None:
-            return self._loop.create_task(self._stream(event, response))
-        self._answer(event, response)
-        return None
-
-    def _yield_to_loop(self) -> None:
-        self._busy = True  # data_received only queues until _serve_later runs
-        self.deadline = None
-        self._flush()
-        self._loop.call_soon(self._serve_later)
-
-    def _serve_later(self) -> None:
-        if not self._closed and self._task is None:
-            self._serve_pending()
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._task = None
-        if task.cancelled():
-            if not self._closed:
-                self._close()
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("kes: connection from %s failed", self.remote, exc_info=exc)
-            self._abort()
-            return
-        if not self._closed:
-            self._serve_pending()
-
-    async def _finish(self, event: http1.Parsed, pending: _Resume) -> None:
-        request = event.request
-        try:
-            response = await pending
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            response = _handler_failed(request)
-        if response.stream is not None:
-            await self._stream(event, response)
-        else:
-            self._answer(event, response)
-
-    def _answer(self, event: http1.Parsed, response: Response) -> None:
-        keep_alive = event.keep_alive and not self._close_when_idle
-        body = response.body
-        head = http1.render_head(
-            response.status,
-            content_type=response.content_type,
-            length=len(body),
-            headers=response.headers,
-            keep_alive=keep_alive,
-            http10=event.http10,
-            date=_date.get(),
-        )
-        if event.request.method == "HEAD" or not body:
-            self._send(head)
-        elif len(body) < 4096:
-            self._send(head + body)  # one TLS record for the usual small JSON answer
-        else:
-            self._send(head)
-            self._send(body)
-        if not keep_alive:
-            self._close()
-
-    async def _stream(self, event: http1.Parsed, response: Response) -> None:
-        stream = response.stream
-        assert stream is not None  # noqa: S101
-        http10 = event.http10
-        # HTTP/1.0 has no chunked encoding: the body then ends with the connection.
-        keep_alive = event.keep_alive and not self._close_when_idle and not http10
-        self._streaming = True
-        try:
-            self._send(
-                http1.render_head(
-                    response.status,
-                    content_type=response.content_type,
-                    length=None,
-                    headers=response.headers,
-                    keep_alive=keep_alive,
-                    http10=http10,
-                    date=_date.get(),
-                )
-            )
-            self._flush()
-            transport = self._transport
-            assert transport is not None  # noqa: S101
-            async for piece in stream:
-                if self._closed:
-                    break
-                if piece:
-                    self._send(piece if http10 else http1.chunk(piece))
-                    self._flush()
-                if transport.get_write_buffer_size() > _BATCH_BYTES:
-                    # A stream that never suspends would otherwise fill memory: give the
-                    # loop a turn (uvloop reports backpressure only then) and wait for it.
-                    await asyncio.sleep(0)
-                if self._write_paused:
-                    self._drain = self._loop.create_future()
-                    await self._drain
-            else:
-                if not http10:
-                    self._send(http1.LAST_CHUNK)
-        finally:
-            self._streaming = False
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        if not keep_alive:
-            self._close()
-
-    # Closing -------------------------------------------------------------------------
-
-    def _close(self) -> None:
-        """Orderly close: close_notify, flush, FIN after the buffered data is written."""
-        if self._closed:
-            return
-        self._closed = True
-        self.deadline = None
-        with contextlib.suppress(SSL.Error):
-            self._tls.conn.shutdown()
-        self._flush()
-        if self._transport is not None:
-            self._transport.close()
-
-    def _abort_after_flush(self) -> None:
-        self._closed = True
-        self.deadline = None
-        if self._transport is not None:
-            self._transport.close()  # close() still writes the alert already queued
-
-    def _abort(self) -> None:
-        self._closed = True
-        self.deadline = None
-        if self._transport is not None:
-            self._transport.abort()
 
 
 class Server:
@@ -586,8 +105,8 @@ class Server:
         self.body_timeout = body_timeout
         self.shutdown_grace = shutdown_grace
         self.max_body = max_body
-        self.connections: set[_Connection] = set()
-        self._flush_queue: list[_Connection] = []
+        self.connections: set[HTTP1Connection | HTTP2Connection] = set()
+        self._flush_queue: list[HTTP1Connection | HTTP2Connection] = []
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         # The sweep period bounds how late a timeout fires: a quarter of the shortest one.
@@ -633,11 +152,11 @@ class Server:
         self._loop = asyncio.get_running_loop()
         if sock is not None:
             self._server = await self._loop.create_server(
-                lambda: _Connection(self), sock=sock, backlog=1024
+                lambda: HTTP1Connection(self), sock=sock, backlog=1024
             )
         else:
             self._server = await self._loop.create_server(
-                lambda: _Connection(self), host, port, reuse_port=reuse_port or None,
+                lambda: HTTP1Connection(self), host, port, reuse_port=reuse_port or None,
                 backlog=1024,
             )
         self._port = int(self._server.sockets[0].getsockname()[1])
@@ -650,7 +169,7 @@ class Server:
         """The bound port (still readable after close, for messages and tests)."""
         return self._port
 
-    def flush_soon(self, conn: _Connection) -> None:
+    def flush_soon(self, conn: HTTP1Connection | HTTP2Connection) -> None:
         """Flush `conn` once the loop has run this iteration's I/O callbacks."""
         queue = self._flush_queue
         if not queue:
@@ -766,29 +285,7 @@ class ServerThread:
         await self.server.close()
 
 
-# Blocking entry point with workers ------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(0)
-
-
-def _listener(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+# Blocking entry point ---------------------------------------------------------------
 
 
 async def _serve_until_signal(
@@ -830,14 +327,11 @@ def run(
     """Serve until SIGTERM or SIGINT; call it from the main thread (signal handling, and
     PR_SET_PDEATHSIG fires when the forking *thread* ends).
 
-    With `workers > 1` the parent builds the SSL context and all listening sockets
-    (SO_REUSEPORT, same port), forks one worker per socket and only supervises: it
-    forwards SIGTERM/SIGINT as SIGTERM, and if a worker dies it stops the others and
-    raises. Workers die with the parent (PR_SET_PDEATHSIG). Anything the handler holds
+    With `workers > 1` the parent builds the SSL context, then `kes.workers` binds the
+    SO_REUSEPORT sockets, forks one worker per socket and supervises them (signal
+    forwarding, SIGHUP for reload, a dead worker stops all). Anything the handler holds
     that cannot survive fork (threads, open connections) must be created lazily, in the
-    worker. If the caller installed a SIGHUP handler (config reload), the parent forwards
-    SIGHUP to the workers, so that `kill -HUP <main pid>` (systemd's ExecReload) reaches
-    the processes that serve; the parent itself does not run the handler.
+    worker.
 
     `ready(port)`, if given, is called once everything listens. With `cert_source` each
     worker renews on its own (see `Server`); after a renewal the workers' session-ticket
@@ -857,89 +351,7 @@ def run(
 
     if workers <= 1:
         server = make_server()
-        _serve_in_process(server, _listener(host, port, reuse_port=False), ready)
+        _serve_in_process(server, workers_.listener(host, port, reuse_port=False), ready)
         return
-
-    socks = [_listener(host, port, reuse_port=True)]
-    bound = socks[0].getsockname()[1]
-    socks += [_listener(host, bound, reuse_port=True) for _ in range(workers - 1)]
-    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
-    if callable(signal.getsignal(signal.SIGHUP)):
-        watched.add(signal.SIGHUP)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    parent = os.getpid()
-    children: dict[int, int] = {}
-    try:
-        for i, sock in enumerate(socks):
-            pid = os.fork()
-            if pid == 0:  # worker
-                code = 0
-                try:
-                    _die_with_parent(parent)
-                    for other in socks:
-                        if other is not sock:
-                            other.close()
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                    _serve_in_process(make_server(), sock)
-                except BaseException:  # a worker must not return into run()'s caller
-                    log.exception("kes: worker %d failed", i)
-                    code = 1
-                finally:
-                    logging.shutdown()
-                    os._exit(code)
-            children[pid] = i
-        for sock in socks:
-            sock.close()
-        if ready is not None:
-            ready(bound)
-        _supervise(children, watched)
-    finally:
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
-def _supervise(children: dict[int, int], watched: set[signal.Signals]) -> None:
-    """Wait for a stop signal or a dead worker, passing SIGHUP on; then stop all workers
-    and reap them. Entries are removed from `children` as they are reaped."""
-    failed = False
-    while True:
-        info = signal.sigwaitinfo(watched)
-        if info.si_signo == signal.SIGHUP:
-            for pid in children:
-                os.kill(pid, signal.SIGHUP)
-            continue
-        if info.si_signo != signal.SIGCHLD:
-            break
-        if _reap(children):
-            failed = True
-            break
-    for pid in children:
-        os.kill(pid, signal.SIGTERM)
-    give_up = time.monotonic() + SHUTDOWN_GRACE + 5.0
-    while children and time.monotonic() < give_up:
-        signal.sigtimedwait({signal.SIGCHLD}, 0.1)
-        _reap(children)
-    if failed:
-        raise RuntimeError("kes: a worker process exited unexpectedly; all workers stopped")
-
-
-def _reap(children: dict[int, int]) -> bool:
-    """Collect exited workers; True if any did."""
-    any_exited = False
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            children.clear()
-            return True
-        if pid == 0:
-            break
-        if children.pop(pid, None) is not None:
-            any_exited = True
-            log.info("kes: worker %d exited with status %d", pid, os.waitstatus_to_exitcode(status))
-    return any_exited
+    workers_.run(lambda sock: _serve_in_process(make_server(), sock), host, port, workers,
+                 ready=ready, grace=timeouts.get("shutdown_grace", SHUTDOWN_GRACE))

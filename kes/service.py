@@ -1,10 +1,12 @@
 """The one entry point that turns KES configuration into a running service's parts.
 
-`build(section, vault_client_factory)` is shared by `bootkey kes serve` (standalone, KES
-YAML or bootkey.toml) and the agent (embedded, reusing its Vault session):
+`build(section, session)` is shared by `bootkey kes serve` (standalone, KES YAML or
+bootkey.toml) and the agent (embedded): both hand it the one Vault session
+(bootkey_core.vault) that the keystore and the Vault-PKI certificate use; a KES YAML
+`keystore.vault.endpoint` gets a session of its own, built here from the section mapped
+onto the shared Vault schema.
 
-    svc = kes.service.build(cfg.kes, session.raw_client,
-                            vault_relogin=session.renew_or_relogin)
+    svc = kes.service.build(cfg.kes, session)
     svc.create_configured_keys()
     with svc.thread():
         ...                                  # serving on svc.host:svc.port
@@ -19,17 +21,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hvac
-import requests
 from cryptography.hazmat.primitives import serialization
 
 from bootkey_core import secret
-from bootkey_core.errors import ConfigError, VaultAuthFailed, VaultUnavailable
+from bootkey_core.errors import ConfigError
+from bootkey_core.vault import VaultSession
 from kes import config as kconf
 from kes.api import Api
 from kes.audit import HubHandler
@@ -37,12 +38,11 @@ from kes.keyring import CacheExpiry, KeyExists, Keyring, KeyStore
 from kes.keyversion import KeyVersion
 from kes.messages import Request, Response
 from kes.server import ServerThread
-from kes.tls_context import CertSource, TLSConfig, VaultPKI
+from kes.tls_context import CertSource, TLSConfig
+from kes.vault_pki import VaultPKI
 from kes.vaultstore import VaultKeyStore, VaultStoreConfig
 
 log = logging.getLogger("kes.error")
-
-VaultClientFactory = Callable[[], hvac.Client]
 
 
 @dataclass
@@ -128,27 +128,25 @@ class Service:
 
 
 def build(section: dict[str, Any] | kconf.KesConfig,
-          vault_client_factory: VaultClientFactory | None = None, *,
-          vault_relogin: Callable[[], None] | None = None,
+          session: VaultSession | None = None, *,
           store: KeyStore | None = None, tls: TLSConfig | None = None,
           source: str = "bootkey.toml [kes]") -> Service:
     """KES config (a `[kes]` dict or a parsed KesConfig) → Service. Raises ConfigError.
 
-    Vault: `keystore.vault.endpoint` set → bootkey logs in itself (approle or token from
-    the section); empty → `vault_client_factory` (the agent's session) is used. `store`
-    replaces the keystore entirely (tests, `--dev`), `tls` the `tls` section (`--dev`:
-    a certificate generated in memory). `vault_relogin` is called once when Vault
-    answers 403 through the agent's client (an expired token), then the call is retried.
+    Vault: `keystore.vault.endpoint` set → a session of its own, logged in here (AppRole
+    or token from the section); empty → `session` (the agent's, or `kes serve`'s from
+    bootkey.toml). `store` replaces the keystore entirely (tests, `--dev`), `tls` the
+    `tls` section (`--dev`: a certificate generated in memory).
     """
     cfg = section if isinstance(section, kconf.KesConfig) else kconf.from_section(section, source)
     pki = cfg.tls.vault_pki if tls is None else None
     cert_source: CertSource | None = None
     if store is None or pki is not None:
-        client, vault_relogin = _vault_client(cfg, vault_client_factory, vault_relogin)
+        session = _vault_session(cfg, session)
         if store is None:
-            store = VaultKeyStore(client, store_config(cfg), relogin=vault_relogin)
+            store = VaultKeyStore(session, store_config(cfg))
         if pki is not None:
-            cert_source = _pki(cfg.tls, pki, client)
+            cert_source = _pki(cfg.tls, pki, session)
             tls = cert_source.issue()
     e = cfg.cache.expiry
     keyring = Keyring(store, CacheExpiry(any=e.any, unused=e.unused, offline=e.offline),
@@ -197,9 +195,9 @@ def _client_ca(t: kconf.TLSSection) -> tuple[bytes | None, bool]:
     return ca, verify
 
 
-def _pki(t: kconf.TLSSection, p: kconf.VaultPKISection, client: VaultClientFactory) -> VaultPKI:
+def _pki(t: kconf.TLSSection, p: kconf.VaultPKISection, session: VaultSession) -> VaultPKI:
     ca, verify = _client_ca(t)
-    return VaultPKI(client=client, role=p.role, common_name=p.common_name, mount=p.mount,
+    return VaultPKI(session=session, role=p.role, common_name=p.common_name, mount=p.mount,
                     ip_sans=tuple(p.ip_sans), alt_names=tuple(p.alt_names), ttl=p.ttl,
                     client_ca_pem=ca, verify_client=verify)
 
@@ -229,65 +227,24 @@ def store_config(cfg: kconf.KesConfig) -> VaultStoreConfig:
         transit_key=v.transit.key if v.transit else "")
 
 
-def _vault_client(cfg: kconf.KesConfig, factory: VaultClientFactory | None,
-                  relogin: Callable[[], None] | None
-                  ) -> tuple[VaultClientFactory, Callable[[], None] | None]:
-    """The Vault client for keys (and PKI): the section's own endpoint and login, else
-    the caller's (the agent's session)."""
+def _vault_session(cfg: kconf.KesConfig, session: VaultSession | None) -> VaultSession:
+    """The Vault session for keys (and PKI): the section's own endpoint, else the
+    caller's."""
     v = cfg.keystore.vault
     if v is None:
-        if factory is None:
+        if session is None:
             raise ConfigError("kes: keystore.vault: required — configure the Vault keystore")
-        v = kconf.VaultSection()
-    if not v.endpoint:
-        if factory is None:
+        return session
+    conn = v.connection()
+    if conn is None:
+        if session is None:
             raise ConfigError("kes: keystore.vault.endpoint: required when KES runs on its "
                               "own — set it, or run KES inside `bootkey agent`")
-        return factory, relogin
-    login = _VaultLogin(v)
-    login.login()
-    return login.client_for_call, login.login
-
-
-class _VaultLogin:
-    """Standalone Vault auth from the KES section: a static token or AppRole. A 403 from
-    Vault (expired token) makes the store call `login()` again once."""
-
-    def __init__(self, v: kconf.VaultSection) -> None:
-        self.v = v
-        verify: bool | str = str(v.tls.ca) if v.tls.ca else True
-        cert = (str(v.tls.cert), str(v.tls.key)) if v.tls.cert and v.tls.key else None
-        self.client = hvac.Client(url=v.endpoint, namespace=v.namespace or None,
-                                  verify=verify, cert=cert, timeout=15)
-        self._lock = threading.Lock()
-
-    def client_for_call(self) -> hvac.Client:
-        return self.client
-
-    def login(self) -> None:
-        v = self.v
-        with self._lock:
-            if v.approle is None:
-                if not v.token:
-                    raise ConfigError("kes: keystore.vault: set approle id/secret (or token)")
-                self.client.token = v.token
-                return
-            ns = v.approle.namespace
-            saved = self.client.adapter.namespace
-            # approle.namespace "/" means the root namespace, i.e. no header (§8.3).
-            self.client.adapter.namespace = None if ns == "/" else (ns or saved)
-            try:
-                self.client.auth.approle.login(role_id=v.approle.id, secret_id=v.approle.secret,
-                                               mount_point=v.approle.engine or "approle")
-            except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError,
-                    hvac.exceptions.BadGateway) as e:
-                raise VaultUnavailable(f"kes: vault {v.endpoint}: cannot log in: "
-                                       f"{type(e).__name__} — retry when Vault is up") from None
-            except hvac.exceptions.VaultError as e:
-                raise VaultAuthFailed(f"kes: vault {v.endpoint}: AppRole login refused "
-                                      f"({type(e).__name__}) — check approle id/secret") from None
-            except requests.RequestException as e:
-                raise VaultUnavailable(f"kes: vault {v.endpoint}: cannot log in: "
-                                       f"{type(e).__name__} — retry when Vault is up") from None
-            finally:
-                self.client.adapter.namespace = saved
+        return session
+    if v.approle is None and not v.token:
+        raise ConfigError("kes: keystore.vault: set approle id/secret (or token)")
+    own = VaultSession(conn)
+    # One pass over the address: a Vault that is down or refuses the credentials is a
+    # start error (exit 69, systemd restarts; exit 80, no restart loop), as in KES.
+    own.login(deadline=0.0)
+    return own

@@ -1,4 +1,6 @@
-"""The KES server's TLS settings and the pyOpenSSL context built from them.
+"""The KES server's TLS settings and the pyOpenSSL context built from them: what is
+configured once per server (certificate, client-certificate mode, session tickets, ALPN
+`h2`/`http/1.1`). One connection's TLS session over that context is kes/tls_session.py.
 
 Why pyOpenSSL and not the stdlib `ssl`: KES's default client-auth mode is Go's
 `RequireAnyClientCert` — a client certificate must be presented (and its key proven by
@@ -10,28 +12,21 @@ no verify callback, so it can only refuse such certificates (shared/KES-TLS-STAC
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import hvac
-import hvac.exceptions
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
-from bootkey_core.errors import (
-    ConfigError,
-    VaultBadAnswer,
-    VaultDenied,
-    VaultUnavailable,
-)
+from bootkey_core.errors import ConfigError
 
 if TYPE_CHECKING:
     from OpenSSL.SSL import _NoOverlappingProtocols
 
 ALPN_HTTP11 = b"http/1.1"
+ALPN_H2 = b"h2"
 # Any constant works; without one every resumption attempt ends in a fatal
 # "internal error" alert instead of a full handshake (KES-TLS-STACKS.md pitfall 2).
 SESSION_ID_CONTEXT = b"bootkey-kes"
@@ -61,8 +56,16 @@ def _accept_any(
 def _select_alpn(
     _conn: SSL.Connection, offered: list[bytes]
 ) -> bytes | _NoOverlappingProtocols:
-    # Go clients offer h2 first (ForceAttemptHTTP2); KES speaks both, we speak http/1.1,
-    # which Go accepts. A client offering no http/1.1 gets no ALPN at all.
+    # As KES (Go net/http): h2 when offered (Go clients with ForceAttemptHTTP2, curl,
+    # MinIO), else http/1.1. A client without ALPN never gets here and speaks HTTP/1.1.
+    if ALPN_H2 in offered:
+        return ALPN_H2
+    return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _select_alpn_http11(
+    _conn: SSL.Connection, offered: list[bytes]
+) -> bytes | _NoOverlappingProtocols:
     return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
@@ -84,10 +87,11 @@ def _has_san(cert: x509.Certificate) -> bool:
     return True
 
 
-def build_context(tls: TLSConfig) -> SSL.Context:
+def build_context(tls: TLSConfig, *, http2: bool = True) -> SSL.Context:
     """Build the server context. Build it once, before forking workers: the session-ticket
     keys live in the context, and workers with separate contexts lose about half of all
-    resumptions (KES-TLS-STACKS.md pitfall 3)."""
+    resumptions (KES-TLS-STACKS.md pitfall 3). `http2=False` offers only http/1.1 in
+    ALPN (for comparisons; KES itself always offers both)."""
     chain = _load_certs(tls.cert_pem, "certificate")
     if not _has_san(chain[0]):
         # Same refusal as KES: Go clients ignore the CN and need a DNS or IP SAN.
@@ -132,7 +136,7 @@ def build_context(tls: TLSConfig) -> SSL.Context:
     # Idle keep-alive connections give their 16 KiB record buffers back: 50 -> 33 kB of
     # RSS per idle connection, with no measurable CPU cost per request.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    ctx.set_alpn_select_callback(_select_alpn)
+    ctx.set_alpn_select_callback(_select_alpn if http2 else _select_alpn_http11)
     # Session tickets stay on: MinIO's KES client keeps an LRU session cache, and Go does
     # not resume TLS 1.2 by session id (pitfall 4).
 
@@ -162,67 +166,6 @@ def build_context(tls: TLSConfig) -> SSL.Context:
 RENEW_FRACTION = 2 / 3
 
 
-@dataclass(frozen=True, slots=True)
-class VaultPKI:
-    """Issues the KES server certificate from `<mount>/issue/<role>` at start and on
-    renewal. The private key Vault generates arrives in the response and goes straight
-    into a `TLSConfig`: it is never written anywhere."""
-
-    client: Callable[[], hvac.Client]
-    role: str
-    common_name: str
-    mount: str = "pki"
-    ip_sans: tuple[str, ...] = ("127.0.0.1",)
-    alt_names: tuple[str, ...] = ("localhost",)
-    ttl: str = "720h"
-    client_ca_pem: bytes | None = None
-    verify_client: bool = False
-
-    def issue(self) -> TLSConfig:
-        params: dict[str, str] = {"ttl": self.ttl, "format": "pem",
-                                  "private_key_format": "pkcs8"}
-        if self.ip_sans:
-            params["ip_sans"] = ",".join(self.ip_sans)
-        if self.alt_names:
-            params["alt_names"] = ",".join(self.alt_names)
-        where = f"Vault PKI {self.mount}/issue/{self.role}"
-        try:
-            answer = self.client().secrets.pki.generate_certificate(
-                self.role, self.common_name, extra_params=params, mount_point=self.mount
-            )
-            data = answer["data"]
-            chain = [data["certificate"], *(data.get("ca_chain") or [])]
-            key = data["private_key"]
-        except hvac.exceptions.Forbidden:
-            raise VaultDenied(
-                f"{where}: cannot issue the KES certificate: permission denied"
-                f" — grant the token 'update' on {self.mount}/issue/{self.role}"
-            ) from None
-        except hvac.exceptions.InvalidRequest as exc:
-            # Vault's message names the SAN or TTL the role refuses; it holds no secret.
-            raise ConfigError(
-                f"{where}: cannot issue the KES certificate: {'; '.join(exc.errors or [])}"
-                " — allow these names and TTL in the role"
-            ) from None
-        except hvac.exceptions.VaultError as exc:
-            raise VaultUnavailable(
-                f"{where}: cannot issue the KES certificate: {type(exc).__name__}"
-                " — check that Vault is reachable and unsealed"
-            ) from None
-        except (KeyError, TypeError):
-            raise VaultBadAnswer(
-                f"{where}: cannot issue the KES certificate: no certificate in the answer"
-                " — check that the mount is a PKI engine"
-            ) from None
-        except OSError as exc:
-            raise VaultUnavailable(
-                f"{where}: cannot issue the KES certificate: {type(exc).__name__}"
-                " — check that Vault is reachable"
-            ) from None
-        cert_pem = "\n".join(c.strip() for c in chain).encode() + b"\n"
-        return TLSConfig(cert_pem, key.encode(), self.client_ca_pem, self.verify_client)
-
-
 def renewal_delay(
     cert_pem: bytes,
     now: dt.datetime,
@@ -243,6 +186,6 @@ def renewal_delay(
 
 
 class CertSource(Protocol):
-    """Something that can issue the server's certificate again (e.g. `VaultPKI`)."""
+    """Something that can issue the server's certificate again (kes.vault_pki.VaultPKI)."""
 
     def issue(self) -> TLSConfig: ...

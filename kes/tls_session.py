@@ -1,4 +1,5 @@
-"""One server-side TLS session over memory BIOs, for the KES transport's hot path.
+"""One server-side TLS session over memory BIOs, for the KES transport's hot path: the
+per-connection half of TLS (the per-server context it runs on is kes/tls_context.py).
 
 pyOpenSSL's `Connection.recv/send/bio_read/bio_write` allocate a fresh buffer per call
 and report "nothing more" by raising `WantReadError`; a keep-alive request made four

@@ -1,5 +1,6 @@
-"""KES's Vault keystore on hvac: the same paths, fields and value encodings a real KES
-uses (shared/kes-api.md §8), so a Vault that a KES wrote to works unchanged.
+"""KES's Vault keystore, through the one Vault session (bootkey_core.vault): the same
+paths, fields and value encodings a real KES uses (shared/kes-api.md §8), so a Vault that
+a KES wrote to works unchanged.
 
 Invariant: one KV entry per key at `<engine>/<prefix>/<name>` (KV v2: `…/data/…`) whose
 data has exactly one field, named like the key, holding the §8.1 string — optionally
@@ -7,28 +8,25 @@ wrapped by transit (`vault:vN:…`, any N: reading after a transit-key rotation 
 which KES cannot). Writes are create-only: an existence check, then for KV v2 `cas: 0` so
 a racing writer loses instead of overwriting. Reads of KV v2 pin version 1, as KES does.
 Errors never carry Vault's response text into client answers; they name the location.
+The least-privilege policy is `policy_rules` (HCL by bootkey_core.vault_policy).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import posixpath
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import hvac
-import hvac.adapters
-import requests
-
+from bootkey_core.errors import VaultError, VaultNotFound, VaultUnavailable
+from bootkey_core.vault import VaultSession
+from bootkey_core.vault_policy import Rule, hcl
 from kes.keyring import KeyExists, KeyNotFound, StoreError, StoreUnreachable
 
-_HEALTH_PARAMS = {  # report every state as 299 so the body is always parsed (KES does)
-    "standbyok": "true", "perfstandbyok": "true", "sealedcode": "299",
-    "uninitcode": "299", "drsecondarycode": "299", "performancestandbycode": "299",
-    "standbycode": "299",
-}
+# KES answers now or fails (502): a store call makes one pass over Vault's addresses
+# and never waits out an outage — the keyring's cache and offline mode do that.
+CALL_DEADLINE = 0.0
 
 
 @dataclass(frozen=True)
@@ -46,106 +44,72 @@ def _join(*parts: str) -> str:
 
 
 class VaultKeyStore:
-    """A KeyStore on Vault/OpenBao KV v1 or v2.
-
-    `client` returns an authenticated hvac.Client (the agent passes its VaultSession's
-    client; standalone `kes serve` a client it logged in itself). `relogin`, if given, is
-    called once when Vault answers 403 — an expired token — and the call is retried.
+    """A KeyStore on Vault/OpenBao KV v1 or v2, through the one Vault session (the
+    agent's, or the one `kes serve` built): login, re-login on an expired token,
+    fail-over and error classification are the session's. The session is used only
+    on cache misses and writes; cached keys never reach it.
     """
 
-    def __init__(self, client: Callable[[], hvac.Client], cfg: VaultStoreConfig,
-                 relogin: Callable[[], None] | None = None) -> None:
+    def __init__(self, session: VaultSession, cfg: VaultStoreConfig) -> None:
         if cfg.version not in (1, 2):
             raise ValueError("vault kv version must be v1 or v2")
-        self._client = client
+        self.session = session
         self.cfg = cfg
-        self._relogin = relogin
         self._sealed = False
 
     def after_fork(self) -> None:
         """In a forked worker: drop pooled connections inherited from the parent."""
-        self._client().adapter.session.close()
+        self.session.after_fork()
 
-    # ---- paths (§8.2/§8.3)
+    # ---- paths (§8.2/§8.3), API paths without /v1/
 
     def _entry(self, name: str) -> str:
         c = self.cfg
         if c.version == 2:
-            return "/v1/" + _join(c.engine, "data", c.prefix, name)
-        return "/v1/" + _join(c.engine, c.prefix, name)
+            return _join(c.engine, "data", c.prefix, name)
+        return _join(c.engine, c.prefix, name)
 
     def _metadata(self, name: str) -> str:
-        return "/v1/" + _join(self.cfg.engine, "metadata", self.cfg.prefix, name)
+        return _join(self.cfg.engine, "metadata", self.cfg.prefix, name)
 
     def _list_path(self) -> str:
         c = self.cfg
         if c.version == 2:
-            return "/v1/" + _join(c.engine, "metadata", c.prefix) + "/"
-        return "/v1/" + _join(c.engine, c.prefix) + "/"
+            return _join(c.engine, "metadata", c.prefix) + "/"
+        return _join(c.engine, c.prefix) + "/"
 
-    # ---- HTTP
+    # ---- calls
 
-    def _call(self, method: str, url: str, what: str, **kw: Any) -> requests.Response:
+    def _call(self, method: str, path: str, what: str, **kw: Any) -> Any:
+        """The session's answer; VaultNotFound passes through for the caller to judge.
+        Errors name the location only: Vault's text is for the error log, never for the
+        client, which gets KES's fixed answer."""
         if self._sealed:
             raise StoreUnreachable("vault: key store is sealed")
-        for attempt in (0, 1):
-            client = self._client()
-            try:
-                resp: requests.Response = hvac.adapters.RawAdapter.request(
-                    client.adapter, method, url, raise_exception=False, **kw)
-            except requests.Timeout as e:
-                raise StoreUnreachable(f"vault: cannot {what} {url}: timeout") from e
-            except requests.RequestException as e:
-                raise StoreError(
-                    f"vault: cannot {what} {url}: {type(e).__name__}") from e
-            if resp.status_code == 403 and attempt == 0 and self._relogin is not None:
-                try:
-                    self._relogin()
-                except Exception as e:
-                    raise StoreError(f"vault: cannot {what} {url}: token expired and login "
-                                     f"failed: {e}") from None
-                continue
-            if resp.status_code == 503:
-                raise StoreUnreachable(f"vault: cannot {what} {url}: Vault is sealed or standby")
-            return resp
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    @staticmethod
-    def _fail(resp: requests.Response, what: str, url: str) -> StoreError:
-        # Vault's "errors" list is a diagnosis for the error log, never for the client.
         try:
-            errs = "; ".join(resp.json().get("errors") or [])
-        except ValueError:
-            errs = ""
-        return StoreError(f"vault: cannot {what} {url}: HTTP {resp.status_code}"
-                          + (f": {errs}" if errs else ""))
+            return self.session.request(method, path, what=what, deadline=CALL_DEADLINE, **kw)
+        except VaultNotFound:
+            raise
+        except VaultUnavailable as e:
+            raise StoreUnreachable(f"vault: {e}") from None
+        except VaultError as e:
+            raise StoreError(f"vault: {e}") from None
 
-    def _read_data(self, resp: requests.Response) -> dict[str, Any] | None:
-        body = resp.json()
-        data = (body or {}).get("data")
+    def _read_data(self, body: Any) -> dict[str, Any] | None:
+        data = (body or {}).get("data") if isinstance(body, dict) else None
         if self.cfg.version == 2:
-            data = (data or {}).get("data")
+            data = (data or {}).get("data") if isinstance(data, dict) else None
         return data if isinstance(data, dict) else None
 
     # ---- KeyStore
 
     def status(self) -> float:
-        client = self._client()
-        a = client.adapter
-        # Without the namespace header: Vault rejects namespaced health calls (KES #476).
-        start = time.monotonic()
         try:
-            resp = a.session.get(a.base_uri.rstrip("/") + "/v1/sys/health",
-                                 params=_HEALTH_PARAMS, **a._kwargs)
-        except requests.Timeout as e:
-            raise StoreUnreachable("vault: health check timed out") from e
-        except requests.RequestException as e:
-            raise StoreError(f"vault: health check failed: {type(e).__name__}") from e
-        latency = time.monotonic() - start
-        try:
-            body = resp.json()
-        except ValueError:
-            raise StoreError(f"vault: health check answered HTTP {resp.status_code}") from None
+            body, latency = self.session.health()
+        except VaultUnavailable as e:
+            raise StoreUnreachable(f"vault: health check failed: {e}") from None
+        except VaultError as e:
+            raise StoreError(f"vault: health check failed: {e}") from None
         self._sealed = bool(body.get("sealed"))
         if not body.get("initialized", False):
             raise StoreUnreachable("vault: not initialized")
@@ -154,59 +118,56 @@ class VaultKeyStore:
         return latency
 
     def create(self, name: str, value: bytes) -> None:
-        url = self._entry(name)
-        resp = self._call("GET", url, "read")
-        if resp.status_code == 200:
-            data = self._read_data(resp)
-            if data is not None and name in data:
-                raise KeyExists(name)
-        elif resp.status_code != 404:
-            raise self._fail(resp, "read", url)
+        path = self._entry(name)
+        try:
+            data = self._read_data(self._call("GET", path, "read"))
+        except VaultNotFound:
+            data = None
+        if data is not None and name in data:
+            raise KeyExists(name)
         stored = value.decode()
         if self.cfg.transit_key:
             stored = self._transit_encrypt(value)
         body: dict[str, Any] = {name: stored}
         if self.cfg.version == 2:
             body = {"options": {"cas": 0}, "data": body}
-        resp = self._call("PUT", url, "create", json=body)
-        if resp.status_code in (200, 204):
-            return
-        if self.cfg.version == 2 and resp.status_code == 400 and "check-and-set" in resp.text:
-            raise KeyExists(name)  # a racing writer created it between check and put
-        raise self._fail(resp, "create", url)
+        try:
+            self._call("PUT", path, "create", json=body)
+        except VaultNotFound:
+            raise StoreError(f"vault: {path}: cannot create: no such mount (404)") from None
+        except StoreError as e:
+            if self.cfg.version == 2 and "check-and-set" in str(e):
+                raise KeyExists(name) from None  # a racing writer created it meanwhile
+            raise
 
     def get(self, name: str) -> bytes:
-        url = self._entry(name)
+        path = self._entry(name)
         params = {"version": "1"} if self.cfg.version == 2 else None
-        resp = self._call("GET", url, "read", params=params)
-        if resp.status_code == 404:
-            raise KeyNotFound(name)
-        if resp.status_code != 200:
-            raise self._fail(resp, "read", url)
-        data = self._read_data(resp)
+        try:
+            body = self._call("GET", path, "read", params=params)
+        except VaultNotFound:
+            raise KeyNotFound(name) from None
+        data = self._read_data(body)
         if data is None:
             raise KeyNotFound(name)  # KV v2: version 1 deleted/destroyed
         value = data.get(name)
         if not isinstance(value, str):
-            raise StoreError(f"vault: entry {url} has no string field '{name}'")
+            raise StoreError(f"vault: entry {path} has no string field '{name}'")
         if value.startswith("vault:v"):
-            return self._transit_decrypt(value, url)
+            return self._transit_decrypt(value, path)
         return value.encode()
 
     def delete(self, name: str) -> None:
-        url = self._metadata(name) if self.cfg.version == 2 else self._entry(name)
-        resp = self._call("DELETE", url, "delete")
-        if resp.status_code not in (200, 204, 404):
-            raise self._fail(resp, "delete", url)
+        path = self._metadata(name) if self.cfg.version == 2 else self._entry(name)
+        with contextlib.suppress(VaultNotFound):  # already gone: deleting is idempotent
+            self._call("DELETE", path, "delete")
 
     def list(self, prefix: str) -> list[str]:
-        url = self._list_path()
-        resp = self._call("GET", url, "list", params={"list": "true"})
-        if resp.status_code == 404:
+        try:
+            body = self._call("LIST", self._list_path(), "list")
+        except VaultNotFound:
             return []
-        if resp.status_code != 200:
-            raise self._fail(resp, "list", url)
-        keys = ((resp.json() or {}).get("data") or {}).get("keys") or []
+        keys = ((body or {}).get("data") or {}).get("keys") or []
         # Sub-directories (ending '/') are not keys a client could address.
         return sorted(k for k in keys
                       if isinstance(k, str) and not k.endswith("/") and k.startswith(prefix))
@@ -216,46 +177,51 @@ class VaultKeyStore:
 
     # ---- transit (§8.3)
 
+    def _transit(self, op: str, body: dict[str, str], field: str) -> str:
+        path = _join(self.cfg.transit_engine, op, self.cfg.transit_key)
+        try:
+            res = self._call("POST", path, f"{op} with", json=body)
+        except VaultNotFound:
+            raise StoreError(f"vault: {path}: no such transit key (404)") from None
+        out = ((res or {}).get("data") or {}).get(field)
+        if not isinstance(out, str):
+            raise StoreError(f"vault: {path}: invalid vault response")
+        return out
+
     def _transit_encrypt(self, value: bytes) -> str:
-        url = "/v1/" + _join(self.cfg.transit_engine, "encrypt", self.cfg.transit_key)
-        resp = self._call("POST", url, "encrypt with",
-                          json={"plaintext": base64.b64encode(value).decode()})
-        if resp.status_code != 200:
-            raise self._fail(resp, "encrypt with", url)
-        ct = ((resp.json() or {}).get("data") or {}).get("ciphertext")
-        if not isinstance(ct, str) or not ct.startswith("vault:v"):
-            raise StoreError(f"vault: {url}: invalid vault response")
+        ct = self._transit("encrypt", {"plaintext": base64.b64encode(value).decode()},
+                           "ciphertext")
+        if not ct.startswith("vault:v"):
+            raise StoreError("vault: transit encrypt: invalid vault response")
         return ct
 
     def _transit_decrypt(self, ciphertext: str, entry: str) -> bytes:
         if not self.cfg.transit_key:
             raise StoreError(f"vault: entry {entry} is transit-wrapped but no transit key is "
                              "configured — set keystore.vault.transit.key")
-        url = "/v1/" + _join(self.cfg.transit_engine, "decrypt", self.cfg.transit_key)
-        resp = self._call("POST", url, "decrypt with", json={"ciphertext": ciphertext})
-        if resp.status_code != 200:
-            raise self._fail(resp, "decrypt with", url)
-        pt = ((resp.json() or {}).get("data") or {}).get("plaintext")
-        if not isinstance(pt, str):
-            raise StoreError(f"vault: {url}: invalid vault response")
+        pt = self._transit("decrypt", {"ciphertext": ciphertext}, "plaintext")
         try:
             return base64.b64decode(pt, validate=True)
         except ValueError:
-            raise StoreError(f"vault: {url}: invalid vault response") from None
+            raise StoreError("vault: transit decrypt: invalid vault response") from None
+
+
+def policy_rules(c: VaultStoreConfig) -> list[Rule]:
+    """The least-privilege Vault rules a store with this config needs."""
+    if c.version == 2:
+        meta = _join(c.engine, "metadata", c.prefix)
+        rules = [Rule(_join(c.engine, "data", c.prefix, "*"), ("create", "read")),
+                 Rule(meta + "/*", ("delete",)), Rule(meta + "/", ("list", "read"))]
+    else:
+        entries = _join(c.engine, c.prefix)
+        rules = [Rule(entries + "/*", ("create", "read", "delete")),
+                 Rule(entries + "/", ("list", "read"))]
+    if c.transit_key:
+        rules += [Rule(_join(c.transit_engine, op, c.transit_key), ("update",))
+                  for op in ("encrypt", "decrypt")]
+    return rules
 
 
 def policy_hcl(c: VaultStoreConfig) -> str:
-    """The least-privilege Vault policy a store with this config needs, as HCL."""
-    if c.version == 2:
-        data = _join(c.engine, "data", c.prefix, "*")
-        meta = _join(c.engine, "metadata", c.prefix)
-        rules = [(data, '"create", "read"'), (meta + "/*", '"delete"'),
-                 (meta + "/", '"list", "read"')]
-    else:
-        entries = _join(c.engine, c.prefix)
-        rules = [(entries + "/*", '"create", "read", "delete"'),
-                 (entries + "/", '"list", "read"')]
-    if c.transit_key:
-        for op in ("encrypt", "decrypt"):
-            rules.append((_join(c.transit_engine, op, c.transit_key), '"update"'))
-    return "".join(f'path "{p}" {{\n  capabilities = [{caps}]\n}}\n' for p, caps in rules)
+    """`policy_rules` as HCL, written by the one policy writer."""
+    return hcl(policy_rules(c), "the Vault policy bootkey's KES keystore needs")

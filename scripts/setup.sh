@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   cryptsetup-bin        # luksFormat/addKey/token/test-passphrase on image files
+  systemd               # systemd-analyze verify, systemd-cryptsetup, systemd-socket-activate
+  util-linux            # losetup for the hotplug tests
   libsystemd-dev        # systemd-python builds against it
   pkg-config
   e2fsprogs             # mkfs.ext4 -d, debugfs for VM test payloads

@@ -10,6 +10,11 @@ import pytest
 from tests.support.bao import DevBao, TlsBao
 from tests.support.vaultenv import VaultEnv, provision
 
+pytest_plugins = [
+    "tests.support.ci_skips",  # a skip in CI fails unless allow-listed
+    "tests.support.secrets_plugin",  # whole-suite secrets scan (#14.5)
+]
+
 
 @pytest.fixture(scope="session")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevBao]:

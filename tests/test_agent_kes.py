@@ -11,57 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kes.identity import of_certificate
-from tests.kes.server_util import Pki
-from tests.support.bao import DevBao, free_port
-from tests.support.certs import make_leaf
+from tests.support.bao import DevBao
+from tests.support.kesagent import curl, kes_agent
 from tests.support.notify import NotifyListener
 from tests.support.vaultenv import VaultEnv
-
-
-def curl(pki: Pki, cert: Path, key: Path, url: str, body: str | None = None) -> tuple[int, str]:
-    args = ["curl", "-sS", "--cacert", str(pki.ca_file), "--cert", str(cert), "--key", str(key),
-            "-o", "-", "-w", "\n%{http_code}", url]
-    if body is not None:
-        args += ["-X", "POST", "--data-binary", body]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=20, check=True).stdout
-    text, _, code = out.rpartition("\n")
-    return int(code), text
 
 
 def test_agent_serves_kes_with_keys_in_vault(vault_env2: VaultEnv, bao: DevBao,
                                              tmp_path: Path) -> None:
     root = bao.client()
-    prefix = f"kes-{vault_env2.host_id}"
-    root.sys.create_or_update_policy(f"kes-{vault_env2.host_id}", (
-        f'path "secret/data/{prefix}/*" {{ capabilities = ["create", "read"] }}\n'
-        f'path "secret/metadata/{prefix}/*" {{ capabilities = ["list", "read"] }}\n'))
-    role = f"bootkey-boot-{vault_env2.host_id}"
-    root.auth.approle.create_or_update_approle(
-        role, token_policies=[role, f"kes-{vault_env2.host_id}"], token_ttl="1h")
-    pki = Pki.create(tmp_path)
-    srv_cert, srv_key = pki.write_client(pki.server, "server")
-    client = make_leaf(None, "minio", kind="ed25519", client=True)  # self-signed, as MinIO's
-    cli_cert, cli_key = pki.write_client(client, "minio")
-    port = free_port()
+    ka = kes_agent(vault_env2, bao, tmp_path)
+    prefix, port = ka.prefix, ka.port
+    pki, cli_cert, cli_key = ka.pki, ka.cli_cert, ka.cli_key
     cfg_file = tmp_path / "bootkey.toml"
-    cfg_file.write_text(vault_env2.toml(f"""
-[kes]
-enabled = true
-address = "127.0.0.1:{port}"
-[kes.admin]
-identity = "disabled"
-[kes.tls]
-cert = "{srv_cert}"
-key = "{srv_key}"
-[kes.policy.minio]
-allow = ["/v1/key/create/minio-*", "/v1/key/generate/minio-*", "/v1/key/decrypt/minio-*"]
-identities = ["{of_certificate(client.cert)}"]
-[kes.keystore.vault]
-engine = "secret"
-version = "v2"
-prefix = "{prefix}"
-"""))
+    cfg_file.write_text(vault_env2.toml(ka.toml()))
     notify = NotifyListener(tmp_path / "notify.sock")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bootkey.cli", "--config", str(cfg_file), "agent", "--check"],

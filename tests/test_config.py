@@ -80,3 +80,15 @@ def test_host_id_from_machine_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     mid.write_text("")
     with pytest.raises(ConfigError, match="is empty — set host_id"):
         config.parse("").resolved_host_id()
+
+
+@pytest.mark.parametrize("name", ["data", "crypt-5c1e", "a.b+c_d", "x" * 127])
+def test_volume_name_rule_accepts_mapping_names(name: str) -> None:
+    assert config.check_volume_name(name) == name
+    assert config.parse(f'[[volume]]\nname = "{name}"\ndevice = "/x"\n').volume[0].name == name
+
+
+@pytest.mark.parametrize("name", ["", "-data", "a/b", "a b", "x" * 128, ".hidden"])
+def test_volume_name_rule_refuses_what_device_mapper_cannot_use(name: str) -> None:
+    with pytest.raises(ValueError, match="not a usable mapping name: letters, digits"):
+        config.check_volume_name(name)

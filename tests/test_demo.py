@@ -19,11 +19,16 @@ def test_demo_enrolls_verifies_rotates_and_cleans_up(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     assert "3/3 volumes ok" in out
+    # Vault was set up by `bootkey setup-vault`, as an operator would, with a periodic token
+    assert "2. bootkey setup-vault" in out and "7 change(s) made" in out
+    assert "changed    role approle/role/bootkey-boot-" in out
     for name in ("data", "logs", "backup"):
         assert f"enrolled {name}" in out
     assert "bootkey rotate data" in out and "verified (keyslot 2)" in out
     assert list(tmp_path.iterdir()) == []  # work dir, images, credentials: all gone
     # the dev server is gone too
-    port = int(re.search(r"OpenBao dev server on http://127.0.0.1:(\d+)", out).group(1))
+    m = re.search(r"OpenBao dev server on http://127.0.0.1:(\d+)", out)
+    assert m, out
+    port = int(m.group(1))
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
         pass

@@ -23,16 +23,14 @@ from pathlib import Path
 import pytest
 
 from bootkey.config import KeysocketConfig
-from bootkey.keysocket import (
+from bootkey.keysocket import KeySocketServer, place_key_links, remove_key_links
+from bootkey.keysocket_protocol import (
     Decline,
     KeyRequest,
-    KeySocketServer,
     PeerCred,
     SendKey,
     decide,
     parse_peer_address,
-    place_key_links,
-    remove_key_links,
 )
 from bootkey_core.errors import ConfigError
 from bootkey_core.secret import SecretBuffer

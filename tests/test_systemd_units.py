@@ -90,6 +90,8 @@ def test_service_limits_and_credentials() -> None:
     assert svc["Service.LoadCredentialEncrypted"] == ["secret-id:/etc/bootkey/secret-id.cred"]
     assert svc["Service.WatchdogSec"]
     assert svc["Service.TimeoutStartSec"] != ["infinity"]
+    # `systemctl reload bootkey` is SIGHUP to the agent (tests/test_agent_ops.py)
+    assert svc["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
 
 
 def test_restart_prevented_exactly_for_errors_a_restart_cannot_fix() -> None:

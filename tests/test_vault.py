@@ -10,7 +10,7 @@ import hvac
 import pytest
 
 from bootkey import config as cfgmod
-from bootkey.vault import VaultSession
+from bootkey.vault import VaultSession, WaitInfo
 from bootkey_core.errors import (
     ConfigError,
     VaultAuthFailed,
@@ -154,9 +154,13 @@ def test_retry_waits_grow_with_full_jitter(vault_env2: VaultEnv) -> None:
         if len(waits) >= 8:
             raise KeyboardInterrupt
 
+    def on_wait(w: WaitInfo) -> None:
+        waits.append(w.next_in)
+        attempts.append(w.attempt)
+
     s = VaultSession.from_config(
         cfgmod.parse(text),
-        on_wait=lambda w: (waits.append(w.next_in), attempts.append(w.attempt)),
+        on_wait=on_wait,
         sleep=fake_sleep)
     s.deadline = 3600
     with pytest.raises(KeyboardInterrupt):

@@ -29,4 +29,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    return Agent(cfg, check=args.check, require_mlock=args.require_mlock).run()
+    return Agent(cfg, check=args.check, require_mlock=args.require_mlock,
+                 reload_config=lambda: load_config(args)).run()

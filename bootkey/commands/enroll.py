@@ -1,8 +1,9 @@
 """`bootkey enroll`, `rotate`, `unenroll`, `import-vaultlocker`: arguments and output only.
 
 The decisions (what to do, in which order, how to resume) live in bootkey.enroll and
-bootkey.vaultlocker. Secrets never come from argv: the Vault token from $VAULT_TOKEN,
-$BAO_TOKEN or --token-file, an existing LUKS key from --unlock-key-file FILE or stdin.
+bootkey.vaultlocker, where the operator's Vault token comes from in
+bootkey.operator_token. Secrets never come from argv: the Vault token from --token-file,
+$VAULT_TOKEN or $BAO_TOKEN, an existing LUKS key from --unlock-key-file FILE or stdin.
 """
 
 from __future__ import annotations
@@ -10,23 +11,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from bootkey import enroll, unlock, vaultlocker
 from bootkey.commands.common import load_config, print_json
-from bootkey.config import Config
+from bootkey.config import Config, check_volume_name
+from bootkey.operator_token import operator_session
 from bootkey.vault import VaultSession
 from bootkey_core import secret
-from bootkey_core.errors import ConfigError, UsageError
+from bootkey_core.errors import UsageError
 from bootkey_core.secret import SecretBuffer
 
-# Test-only hook (the crash tests): SIGKILL this process right after the named step,
-# e.g. BOOTKEY_TEST_KILL_AFTER=AddKeyslot, or AddKeyslot#2 for its second occurrence.
-KILL_ENV = "BOOTKEY_TEST_KILL_AFTER"
 MAX_KEY_FILE = 8192  # cryptsetup's default keyfile-size limit (8 MiB) is far more than a key
 
 ENROLL_HELP = """\
@@ -44,6 +41,19 @@ Vault: an operator token from $VAULT_TOKEN/$BAO_TOKEN or --token-file, with the 
 `bootkey policy --enroll` prints; without one, the config's AppRole.
 """
 
+ROTATE_HELP = """\
+New key into a new keyslot and into Vault, tested; only then the old keyslot is killed and
+its Vault copy retired. Interrupted? Run it again.
+
+When no Vault key opens the volume any more (unlock exits 81: the keyslot was killed or
+changed outside bootkey, or the Vault entry was replaced), give an existing passphrase or
+keyfile: it authorises the new keyslot, and keyslots no Vault key opens are left alone.
+
+examples:
+  bootkey rotate data
+  bootkey rotate data --unlock-key-file /root/data.pass    # after exit 81
+"""
+
 
 def _vault_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", metavar="FILE", type=Path,
@@ -51,6 +61,8 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
                         "else AppRole from the config)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    # bootkey.cli.main(after_step=…) sets it; None runs the plan as it is
+    p.set_defaults(after_step=None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -72,12 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(run=run_enroll)
 
     p = sub.add_parser("rotate", help="replace a volume's Vault key (new keyslot first)",
-                       description="New key into a new keyslot and into Vault, tested; only "
-                       "then the old keyslot is killed and its Vault copy retired. "
-                       "Interrupted? Run it again.", formatter_class=fmt)
+                       description=ROTATE_HELP, formatter_class=fmt)
     p.add_argument("target", metavar="NAME|DEVICE")
     p.add_argument("--rewrap", action="store_true",
                    help="only re-seal under the newest transit key version; volume untouched")
+    p.add_argument("--unlock-key-file", metavar="FILE|-",
+                   help="an existing passphrase or keyfile, byte-exact (- = stdin); used "
+                        "only when no Vault key opens the volume any more (exit 81)")
     _vault_args(p)
     p.set_defaults(run=run_rotate)
 
@@ -104,8 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--keep-old-slot", action="store_true",
                    help="keep vaultlocker's keyslot next to bootkey's")
     p.add_argument("--device", action="append", default=[], metavar="DEVICE",
-                   help="also look here for the volumes (repeatable; default: every block "
-                        "device and [unlock] search globs)")
+                   help="also look here for the volumes (repeatable; always: the [[volume]] "
+                        "devices, every block device and [unlock] search globs)")
     _vault_args(p)
     p.set_defaults(run=run_import)
 
@@ -114,22 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def session_for(cfg: Config, args: argparse.Namespace) -> VaultSession:
-    """Operator token (file or environment, never argv), else AppRole login."""
-    token: str | None = None
-    if args.token_file:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"{args.token_file}: cannot read the Vault token: "
-                              f"{e.strerror}") from None
-        if not token:
-            raise ConfigError(f"{args.token_file}: the Vault token file is empty")
-    else:
-        token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN") or None
-    session = VaultSession.from_config(cfg, token=token)
-    if token is None:
-        session.login()
-    return session
+    return operator_session(cfg, args.token_file, os.environ)
 
 
 def read_key(spec: str | None) -> SecretBuffer | None:
@@ -151,28 +149,6 @@ def read_key(spec: str | None) -> SecretBuffer | None:
         raise UsageError(f"--unlock-key-file {spec}: longer than {MAX_KEY_FILE} bytes — "
                          "is this the right file?")
     return SecretBuffer.from_bytes(data)
-
-
-def kill_after(name: str, nth: int = 1) -> enroll.AfterStep:
-    """An after_step hook that SIGKILLs this process after the nth step called `name`."""
-    seen = 0
-
-    def hook(step: enroll.Step) -> None:
-        nonlocal seen
-        if step.name == name:
-            seen += 1
-            if seen == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-def kill_hook() -> enroll.AfterStep | None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return None
-    name, _, nth = spec.partition("#")
-    return kill_after(name, int(nth or 1))
 
 
 @contextlib.contextmanager
@@ -230,16 +206,14 @@ def report(out: enroll.Outcome, args: argparse.Namespace, verb: str) -> None:
 # ---- commands ----------------------------------------------------------------------------
 
 
-# The mapping name at unlock (/dev/mapper/NAME): the same rule as a [[volume]] name.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}")
-
-
 def run_enroll(args: argparse.Namespace) -> int:
     if args.force and not args.format:
         raise UsageError("enroll: --force only applies with --format")
-    if args.name is not None and not _NAME.fullmatch(args.name):
-        raise UsageError(f"--name {args.name!r}: not a usable mapping name — use letters, "
-                         "digits, _ . + - (at most 127)")
+    if args.name is not None:
+        try:  # the mapping name at unlock: the same rule as a [[volume]] name
+            check_volume_name(args.name)
+        except ValueError as e:
+            raise UsageError(f"--name: {e}") from None
     device = _device(args.device)
     cfg = load_config(args)
     secret.harden_process()
@@ -248,18 +222,22 @@ def run_enroll(args: argparse.Namespace) -> int:
         out = enroll.enroll(cfg, session, cfg.resolved_host_id(), device, name=args.name,
                             unlock_key=key, keyslot=args.keyslot, format_device=args.format,
                             force=args.force, recovery_key=args.recovery_key,
-                            dry_run=args.dry_run, after_step=kill_hook())
+                            dry_run=args.dry_run, after_step=args.after_step)
     report(out, args, "enrolled")
     return 0
 
 
 def run_rotate(args: argparse.Namespace) -> int:
+    if args.rewrap and args.unlock_key_file is not None:
+        raise UsageError("rotate: --unlock-key-file does not apply with --rewrap (the volume "
+                         "is not touched)")
     cfg = load_config(args)
     secret.harden_process()
-    session = session_for(cfg, args)
-    device = resolve_target(cfg, args.target)
-    out = enroll.rotate(cfg, session, cfg.resolved_host_id(), device, rewrap=args.rewrap,
-                        dry_run=args.dry_run, after_step=kill_hook())
+    with unlock_key(args.unlock_key_file) as key:
+        session = session_for(cfg, args)
+        device = resolve_target(cfg, args.target)
+        out = enroll.rotate(cfg, session, cfg.resolved_host_id(), device, rewrap=args.rewrap,
+                            unlock_key=key, dry_run=args.dry_run, after_step=args.after_step)
     report(out, args, "rewrapped" if args.rewrap else "rotated")
     return 0
 
@@ -271,7 +249,7 @@ def run_unenroll(args: argparse.Namespace) -> int:
         session = session_for(cfg, args)
         device = resolve_target(cfg, args.target)
         out = enroll.unenroll(cfg, session, cfg.resolved_host_id(), device, purge=args.purge,
-                              unlock_key=key, dry_run=args.dry_run, after_step=kill_hook())
+                              unlock_key=key, dry_run=args.dry_run, after_step=args.after_step)
     report(out, args, "unenrolled")
     return 0
 
@@ -284,7 +262,7 @@ def run_import(args: argparse.Namespace) -> int:
         cfg, session, cfg.resolved_host_id(), backend=args.backend, hostname=args.hostname,
         kv_version=args.kv_version, keep_old_slot=args.keep_old_slot,
         devices=[_device(d) for d in args.device], dry_run=args.dry_run,
-        after_step=kill_hook())
+        after_step=args.after_step)
     if args.json:
         print_json({"volumes": [r.as_json() for r in results]})
     else:

@@ -1,13 +1,12 @@
 """`bootkey kes …`: KES identities, API keys for MinIO, and a standalone KES server.
 
-Argument parsing and output only; the work is in kes.apikey, kes.identity, kes.service.
+Argument parsing and output only; the work is in kes.apikey, kes.identity,
+kes.certificates (self-signed identities, the leaf of a chain) and kes.service.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import ipaddress
 import logging
 import os
 import signal
@@ -90,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run_identity_of(args: argparse.Namespace) -> int:
     from cryptography import x509
 
+    from kes.certificates import leaf
     from kes.identity import of_certificate
     try:
         certs = x509.load_pem_x509_certificates(args.cert.read_bytes())
@@ -98,18 +98,8 @@ def run_identity_of(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"{args.cert}: not a PEM certificate — pass the client "
                          "certificate file") from None
-    # Like KES: CA certificates in a presented chain are not identities.
-    leaves = [c for c in certs if not _is_ca(c)] or certs
-    print(of_certificate(leaves[0]))
+    print(of_certificate(leaf(certs)))
     return 0
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    from cryptography import x509
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
 
 
 def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
@@ -167,9 +157,8 @@ def _load(args: argparse.Namespace) -> tuple[KesConfig, BootkeyConfig | None]:
     from kes import config as kconf
     if args.kes_config:
         return kconf.load_yaml(args.kes_config), None
-    path = args.serve_config or args.config
-    bcfg = bconf.load(path)
-    return kconf.from_section(bcfg.kes, f"{path or 'bootkey.toml'} [kes]"), bcfg
+    bcfg = bconf.load(args.serve_config or args.config)
+    return bcfg.kes, bcfg
 
 
 def run_vault_policy(args: argparse.Namespace) -> int:
@@ -188,17 +177,14 @@ def run_serve(args: argparse.Namespace) -> int:
     # Before any key exists: lock memory (warns if refused), no core dumps, no ptrace.
     secret.harden_process()
 
-    factory = None
-    relogin = None
     if args.dev:
         return _serve_dev(args)
     cfg, bcfg = _load(args)
+    session = None
     if bcfg is not None and (cfg.keystore.vault is None or not cfg.keystore.vault.endpoint):
         from bootkey.vault import VaultSession
         session = VaultSession.from_config(bcfg)
         session.login()
-        factory = session.raw_client
-        relogin = session.renew_or_relogin
     updates: dict[str, object] = {}
     if args.addr:
         try:
@@ -210,7 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
         updates["workers"] = args.workers
     if updates:
         cfg = cfg.model_copy(update=updates)
-    svc = service.build(cfg, factory, vault_relogin=relogin)
+    svc = service.build(cfg, session)
     svc.harden_workers = True
 
     def reload(_signum: int, _frame: object) -> None:
@@ -260,30 +246,11 @@ def _serve_dev(args: argparse.Namespace) -> int:
 
 def _self_signed(pk: Ed25519PrivateKey, cn: str, ips: list[str], dns: list[str], days: int,
                  *, client: bool) -> x509.Certificate:
-    """A self-signed Ed25519 certificate with SANs, valid from 5 minutes ago."""
-    from cryptography import x509
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
+    from kes.certificates import self_signed
     try:
-        addrs = [ipaddress.ip_address(i) for i in ips]
+        return self_signed(pk, cn, ips=ips, dns=dns, days=days, client=client)
     except ValueError as e:
         raise UsageError(f"--ip: {e}") from None
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    usage = [ExtendedKeyUsageOID.SERVER_AUTH]
-    if client:
-        usage.insert(0, ExtendedKeyUsageOID.CLIENT_AUTH)
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-         .public_key(pk.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5))
-         .not_valid_after(now + dt.timedelta(days=days))
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.ExtendedKeyUsage(usage), critical=False))
-    sans: list[x509.GeneralName] = [x509.IPAddress(a) for a in addrs]
-    sans += [x509.DNSName(d) for d in dns]
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return b.sign(pk, None)
 
 
 def _serve(svc: Service, workers: int, cert_source: CertSource | None) -> int:

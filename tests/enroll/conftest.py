@@ -19,9 +19,13 @@ from bootkey import enroll, keystore, luks
 from bootkey.vault import VaultSession
 from bootkey_core.secret import SecretBuffer
 from tests.support.luksimg import PASSPHRASE, make_image
+from tests.support.scan import register_secret
 from tests.support.vaultenv import VaultEnv
 
 BOOTKEY = [sys.executable, "-m", "bootkey.cli"]
+# bootkey's CLI that SIGKILLs itself after a given step (the crash tests' launcher)
+KILLING_BOOTKEY = [sys.executable, str(Path(__file__).parents[1] / "support" /
+                                       "killing_bootkey.py")]
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Env:
         for k in entry.keys if entry else []:
             if k.keyslot in slots:
                 with keystore.unseal(s, loc, k) as key:
+                    register_secret(key, f"key of {dev} keyslot {k.keyslot} (unsealed)")
                     if luks.test_key(dev, key, k.keyslot) is luks.KeyTest.OK:
                         out.append(k.keyslot)
         return out
@@ -94,15 +99,17 @@ class Env:
         return sorted(d.iterdir()) if d.exists() else []
 
     def bootkey(self, *args: str, stdin: bytes | None = None, token: bool = True,
-                extra_env: dict[str, str] | None = None,
+                extra_env: dict[str, str] | None = None, kill_at: str | None = None,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("VAULT_TOKEN", "BAO_TOKEN", "BOOTKEY_TEST_KILL_AFTER")}
+        """`bootkey ARGS…`; with `kill_at="STEP[#N]"` through the launcher that SIGKILLs
+        the process right after that step."""
+        env = {k: v for k, v in os.environ.items() if k not in ("VAULT_TOKEN", "BAO_TOKEN")}
         env["BOOTKEY_RUN_DIR"] = str(self.rundir.root)
         if token:
             env["VAULT_TOKEN"] = self.vault.enroll_token
         env.update(extra_env or {})
-        res = subprocess.run([*BOOTKEY, "--config", str(self.cfg_file), *args], input=stdin,
+        cmd = [*KILLING_BOOTKEY, kill_at] if kill_at else BOOTKEY
+        res = subprocess.run([*cmd, "--config", str(self.cfg_file), *args], input=stdin,
                              capture_output=True, timeout=timeout, check=False, env=env)
         return subprocess.CompletedProcess(res.args, res.returncode,
                                            res.stdout.decode(), res.stderr.decode())

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from bootkey import enroll as e
 from bootkey.keystore import Entry, SealedKey
-from bootkey_core.errors import BootkeyError, LastKeyslot, NoFreeKeyslot, UsageError, VaultConflict
+from bootkey_core.errors import (
+    BootkeyError,
+    LastKeyslot,
+    NoFreeKeyslot,
+    UsageError,
+    VaultConflict,
+    WrongKey,
+)
 
 SEALED = "vault:v1:AAAA"
 
@@ -131,6 +138,57 @@ def test_rotate_withdraws_a_pending_key_whose_keyslot_was_taken() -> None:
     assert e.AddKeyslot(3) in plan.steps
 
 
+def test_recover_is_the_declared_sequence_and_never_kills_a_keyslot_it_cannot_open() -> None:
+    # keyslot 1 still there but its Vault key no longer opens it (entry replaced)
+    changed = view({0, 1}, [(1, "active", False)], {0: {1}})
+    plan = e.plan_rotate(changed, have_unlock_key=True)
+    assert kinds(plan)[:-1] == (*e.RECOVER[:-1], e.DestroyOldVersions)
+    assert plan.by_operator_key and e.AddKeyslot(2) in plan.steps
+    assert e.RemoveToken(0) in plan.steps and e.Activate(2, (1,)) in plan.steps
+    assert "KillSlot" not in plan.names and e.DropKeys((1,)) in plan.steps
+    assert "keyslot(s) [1] left in place" in plan.summary
+    # keyslot 1 killed with the passphrase: its token names nothing; 1 stays Vault's number
+    killed = e.plan_rotate(view({0}, [(1, "active", False)], {0: set()}), have_unlock_key=True)
+    assert kinds(killed)[:-1] == (*e.RECOVER[:-1], e.DestroyOldVersions)
+    assert e.AddKeyslot(2) in killed.steps and e.RemoveToken(0) in killed.steps
+
+
+def test_recover_needs_the_operator_key_and_says_so() -> None:
+    with pytest.raises(WrongKey, match="--unlock-key-file FILE"):
+        e.plan_rotate(view({0, 1}, [(1, "active", False)], {0: {1}}))
+    # with a working Vault key the operator's key is not used
+    plan = e.plan_rotate(view({0, 1}, [(1, "active", True)], {0: {1}}), have_unlock_key=True)
+    assert not plan.by_operator_key and plan.steps[0] == e.UnsealKey(1, "unlock")
+
+
+@pytest.mark.parametrize(("slots", "tokens", "expect"), [
+    # pending key written, keyslot not added yet: the operator's key adds it
+    ({0, 1}, {0: {1}}, ["UnsealKey", "BackupHeader", "AddKeyslot", "ImportToken",
+                        "TestSlotAlone", "RemoveToken", "Activate", "DropKeys",
+                        "DestroyOldVersions", "RemoveBackup"]),
+    # keyslot added and token imported, the old token already taken off keyslot 1
+    ({0, 1, 2}, {1: {2}}, ["UnsealKey", "BackupHeader", "TestSlotAlone", "Activate",
+                           "DropKeys", "DestroyOldVersions", "RemoveBackup"]),
+    # keyslot 1 killed (its token names nothing); a token names keyslot 2 before it
+    # exists: only the empty token goes, the one for the new keyslot stays
+    ({0}, {0: set(), 1: {2}}, ["UnsealKey", "BackupHeader", "AddKeyslot", "TestSlotAlone",
+                               "RemoveToken", "Activate", "DropKeys", "DestroyOldVersions",
+                               "RemoveBackup"]),
+])
+def test_recover_resume(slots: set[int], tokens: dict[int, set[int]],
+                        expect: list[str]) -> None:
+    v = view(slots, [(1, "active", False), (2, "pending", True)], tokens)
+    plan = e.plan_rotate(v, have_unlock_key=True)
+    assert plan.names == expect
+    assert not {e.RemoveToken(t) for t, s in tokens.items() if 2 in s} & set(plan.steps)
+
+
+def test_after_the_recover_commit_a_plain_rotate_finishes_without_killing() -> None:
+    v = view({0, 1, 2}, [(1, "retiring", False), (2, "active", True)], {1: {2}})
+    plan = e.plan_rotate(v)
+    assert "KillSlot" not in plan.names and e.DropKeys((1,)) in plan.steps
+
+
 def test_free_keyslot() -> None:
     assert e.free_keyslot(frozenset({0, 1, 3}), None, "d") == 2
     with pytest.raises(NoFreeKeyslot):
@@ -161,7 +219,7 @@ KEYS = st.lists(st.tuples(st.integers(0, 5), STATES, st.booleans()), max_size=3,
 
 @given(slots=st.sets(st.integers(0, 5)), keys=st.none() | KEYS,
        tokens=st.dictionaries(st.integers(0, 3), st.sets(st.integers(0, 5)), max_size=3),
-       op=st.sampled_from(["enroll", "rotate", "unenroll", "purge"]))
+       op=st.sampled_from(["enroll", "rotate", "recover", "unenroll", "purge"]))
 def test_safety_rules_hold_for_any_state(slots: set[int], keys: list[tuple[int, str, bool]]
                                          | None, tokens: dict[int, set[int]],
                                          op: str) -> None:
@@ -169,6 +227,7 @@ def test_safety_rules_hold_for_any_state(slots: set[int], keys: list[tuple[int, 
     try:
         plan = {"enroll": lambda: e.plan_enroll(v),
                 "rotate": lambda: e.plan_rotate(v),
+                "recover": lambda: e.plan_rotate(v, have_unlock_key=True),
                 "unenroll": lambda: e.plan_unenroll(v, purge=False, have_unlock_key=True),
                 "purge": lambda: e.plan_unenroll(v, purge=True, have_unlock_key=True)}[op]()
     except BootkeyError:

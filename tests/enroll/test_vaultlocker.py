@@ -29,12 +29,14 @@ def vaultlocker_mount(root: hvac.Client, version: int) -> str:
 
 
 def vaultlocker_volume(env: Env, root: hvac.Client, mount: str, version: int, host: str, *,
-                       name: str, store_key: str | None = None) -> tuple[str, str, str]:
+                       name: str, store_key: str | None = None,
+                       ext: str = "img") -> tuple[str, str, str]:
     """Format like vaultlocker (`cryptsetup --batch-mode --uuid U --key-file - luksFormat`)
-    and store like vaultlocker. Returns (device, uuid, key text)."""
+    and store like vaultlocker. Returns (device, uuid, key text). The Env's `[unlock]
+    search` glob finds `*.img`; another `ext` hides the image from it."""
     key = base64.b64encode(os.urandom(512)).decode()
     u = str(uuid.uuid4())
-    dev = str(env.tmp / f"{name}.img")
+    dev = str(env.tmp / f"{name}.{ext}")
     subprocess.run(["truncate", "-s", "20M", dev], check=True)
     subprocess.run(["cryptsetup", "--batch-mode", "--uuid", u, "--pbkdf", "pbkdf2",
                     "--pbkdf-force-iterations", "1000", "--key-file", "-", "luksFormat", dev],
@@ -127,8 +129,7 @@ def test_import_killed_then_rerun(env2: Env, bao: DevBao) -> None:
     a, _, ka = vaultlocker_volume(env, root, mount, 1, host, name="a")
     tok = operator_token(bao, env, mount)
     args = ("import-vaultlocker", "--backend", mount, "--hostname", host)
-    res = env.bootkey(*args, extra_env={"VAULT_TOKEN": tok,
-                                        "BOOTKEY_TEST_KILL_AFTER": "Activate"})
+    res = env.bootkey(*args, extra_env={"VAULT_TOKEN": tok}, kill_at="Activate")
     assert res.returncode == -9
     assert env.boot_check(a) == "verified"
     assert luks.test_key(a, ka.encode()) is luks.KeyTest.OK
@@ -137,3 +138,27 @@ def test_import_killed_then_rerun(env2: Env, bao: DevBao) -> None:
     assert env.state(a).keyslots == {1} and env.state(a).keys == [(1, "active")]
     assert luks.test_key(a, ka.encode()) is luks.KeyTest.WRONG_KEY
     assert env.backups() == []
+
+
+def test_import_finds_a_volume_listed_in_the_config(env2: Env, bao: DevBao) -> None:
+    """A volume named by path in [[volume]], outside every scan and `search` glob."""
+    env = env2
+    root = bao.client()
+    mount = vaultlocker_mount(root, 2)
+    host = f"vc-{env.host[:8]}"
+    dev, u, key = vaultlocker_volume(env, root, mount, 2, host, name="listed", ext="luks")
+    tok = operator_token(bao, env, mount)
+    args = ("import-vaultlocker", "--backend", mount, "--hostname", host, "--json")
+    unlisted = env.bootkey(*args, extra_env={"VAULT_TOKEN": tok})
+    (vol,) = json.loads(unlisted.stdout)["volumes"]
+    assert vol["status"] == "skipped" and "no device" in vol["reason"], vol  # not found ...
+    with env.cfg_file.open("a") as f:  # ... until the config lists it
+        f.write(f'\n[[volume]]\nname = "listed"\ndevice = "{dev}"\n')
+    res = env.bootkey(*args, extra_env={"VAULT_TOKEN": tok})
+    assert res.returncode == 0, res.stderr
+    (vol,) = json.loads(res.stdout)["volumes"]
+    assert vol["status"] == "migrated" and vol["device"] == dev and vol["luks_uuid"] == u, vol
+    assert env.state(dev).keyslots == {1}  # vaultlocker's keyslot removed
+    assert luks.test_key(dev, key.encode()) is luks.KeyTest.WRONG_KEY
+    chk = env.unlock_check("listed")
+    assert chk[dev]["result"] == "verified" and chk[dev]["name"] == "listed", chk

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import hvac
 import pytest
 
+from bootkey_core.vault import VaultSession
+from bootkey_core.vault_config import VaultConnection
 from kes.keyring import KeyStore, MemKeyStore
 from kes.vaultstore import VaultKeyStore, VaultStoreConfig
 from tests.support.bao import DevBao
@@ -32,6 +34,11 @@ def prepare_vault(root: hvac.Client) -> None:
         root.secrets.transit.create_key(TRANSIT_KEY)
 
 
+def token_session(address: str, token: str = "root", timeout: float = 5.0) -> VaultSession:
+    """A Vault session holding a token (the dev server's root token by default)."""
+    return VaultSession(VaultConnection(address=[address], timeout=timeout), token=token)
+
+
 def vault_store(bao: DevBao, version: int, *, transit: bool = False,
                 prefix: str | None = None) -> VaultKeyStore:
     root = bao.client()
@@ -39,7 +46,7 @@ def vault_store(bao: DevBao, version: int, *, transit: bool = False,
     cfg = VaultStoreConfig(engine="secret" if version == 2 else "kv1", version=version,
                            prefix=prefix if prefix is not None else f"kes-{secrets.token_hex(4)}",
                            transit_key=TRANSIT_KEY if transit else "")
-    return VaultKeyStore(bao.client, cfg)
+    return VaultKeyStore(token_session(bao.address), cfg)
 
 
 StoreFactory = Callable[[], KeyStore]

@@ -1,4 +1,5 @@
-"""The KES API handlers with constructed Requests: exact statuses, bodies and texts."""
+"""The KES API handlers: exact statuses, bodies and texts, with constructed Requests and
+over real sockets (HTTP/1.1 and HTTP/2)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import base64
 import json
 import logging
-from typing import Any
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -16,6 +19,7 @@ from kes.keyring import Keyring, MemKeyStore, StoreError, StoreUnreachable
 from kes.messages import MAX_BODY, Request
 from kes.policy import Policy, PolicySet
 from tests.kes.apitools import ADMIN, MINIO, OTHER, b64, call, err, js
+from tests.kes.server_util import PROTOCOLS, Pki, WireApi
 
 MINIO_POLICY = Policy("minio", allow=(
     "/v1/key/create/minio-*", "/v1/key/generate/minio-*", "/v1/key/decrypt/minio-*",
@@ -58,9 +62,20 @@ def store() -> FlakyStore:
     return FlakyStore()
 
 
-@pytest.fixture
-def api(store: FlakyStore) -> Api:
-    return Api(Keyring(store), PolicySet.build(ADMIN, [MINIO_POLICY]), key_type=KeyType.AES256)
+@pytest.fixture(params=["direct", *PROTOCOLS])
+def api(store: FlakyStore, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
+    """The Api called directly with constructed Requests, and the same Api behind a real
+    server over HTTP/1.1 and over HTTP/2: the API must not know which carried the call."""
+    real = Api(Keyring(store), PolicySet.build(ADMIN, [MINIO_POLICY]), key_type=KeyType.AES256)
+    if request.param == "direct":
+        yield real
+        return
+    with WireApi(real, request.param, Pki.create(tmp_path), [ADMIN, MINIO, OTHER, None]) as w:
+        yield cast(Api, w)
+
+
+# Streams and cancellation reach into the Api's coroutines: the direct calls only.
+direct_only = pytest.mark.parametrize("api", ["direct"], indirect=True)
 
 
 MINIO_CTX = b'{"bucket":"bucket/object"}'
@@ -337,6 +352,7 @@ def test_metrics_names_and_counts(api: Api) -> None:
     assert "_total" not in text and "_created" not in text
 
 
+@direct_only
 def test_audit_and_error_streams_deliver(api: Api, store: FlakyStore) -> None:
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         audit = await api(Request("GET", "/v1/log/audit", {}, b"", ADMIN))
@@ -356,8 +372,9 @@ def test_audit_and_error_streams_deliver(api: Api, store: FlakyStore) -> None:
         for _ in range(2):
             audits.append(json.loads(await asyncio.wait_for(a_it.__anext__(), 5)))
         errs = [json.loads(await asyncio.wait_for(e_first, 5))]
-        await a_it.aclose()
-        await e_it.aclose()
+        # the streams are async generators; closing them ends their subscriptions
+        await cast(AsyncGenerator[bytes, None], a_it).aclose()
+        await cast(AsyncGenerator[bytes, None], e_it).aclose()
         return audits, errs
 
     from kes.audit import HubHandler
@@ -382,6 +399,7 @@ def test_name_is_checked_before_body(api: Api) -> None:
     assert err(r) == (400, "key name 'a.b' is empty, too long or contains invalid characters")
 
 
+@direct_only
 def test_cancelled_request_leaves_no_active_count(api: Api, store: FlakyStore) -> None:
     import threading
     gate = threading.Event()

@@ -10,8 +10,8 @@ from bench import kes as bench_kes
 from bench import kes_stdlib_tls as bench_stdlib_tls
 
 needs_load_tools = pytest.mark.skipif(
-    shutil.which("ab") is None or shutil.which("nginx") is None,
-    reason="ab/nginx come from scripts/setup.sh")
+    shutil.which("ab") is None or shutil.which("nginx") is None or shutil.which("go") is None,
+    reason="ab/nginx/go come from scripts/setup.sh")
 
 
 @pytest.mark.slow
@@ -21,8 +21,13 @@ def test_bench_quick_runs_against_the_full_endpoint_and_nginx(
 ) -> None:
     assert bench_kes.main(["--quick", "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| bootkey, 1 worker | generate |" in out
+    assert "| bootkey, 1 worker | generate |" in out  # ab, HTTP/1.1
     assert "| nginx, 1 worker | static JSON |" in out
+    # The MinIO-shaped Go client: h2 to bootkey and nginx, and bootkey offering only HTTP/1.1.
+    assert "| bootkey, 1 worker, h2 | decrypt |" in out
+    assert "| bootkey, 1 worker, HTTP/1.1 only (before) | generate |" in out
+    assert "| nginx, 1 worker, h2 | static JSON |" in out
+    assert "in-process server CPU per request (full h2)" in out
     assert "TRIVIAL" not in out  # kes.service is there: the full endpoint was measured
 
 

@@ -198,11 +198,10 @@ def test_malformed_entry_is_store_error_not_not_found(bao: DevBao) -> None:
 
 
 def test_unreachable_vault_is_a_store_error() -> None:
-    import hvac
-
     from kes.vaultstore import VaultKeyStore, VaultStoreConfig
+    from tests.kes.conftest import token_session
     from tests.support.bao import free_port
-    store = VaultKeyStore(lambda: hvac.Client(url=f"http://127.0.0.1:{free_port()}", timeout=2),
+    store = VaultKeyStore(token_session(f"http://127.0.0.1:{free_port()}", timeout=2),
                           VaultStoreConfig())
     with pytest.raises(StoreError):
         store.get("k")
@@ -354,18 +353,17 @@ def test_list_pages_at_1024() -> None:
 @pytest.mark.parametrize("version,transit", [(1, False), (2, False), (2, True)])
 def test_policy_hcl_is_enough_and_least_privilege(bao: DevBao, version: int,
                                                   transit: bool) -> None:
-    import hvac
-
     from kes.vaultstore import VaultKeyStore
+    from tests.kes.conftest import token_session
     full = vault_store(bao, version, transit=transit)
     root = bao.client()
     name = f"kes-test-{secrets.token_hex(4)}"
     root.sys.create_or_update_policy(name, full.policy_hcl())
     token = root.auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"]
-    store = VaultKeyStore(lambda: hvac.Client(url=bao.address, token=token), full.cfg)
+    store = VaultKeyStore(token_session(bao.address, token), full.cfg)
     test_store_conformance(store)
     # ...and nothing outside the prefix
-    other = VaultKeyStore(lambda: hvac.Client(url=bao.address, token=token),
+    other = VaultKeyStore(token_session(bao.address, token),
                           VaultStoreConfig(engine=full.cfg.engine, version=version,
                                            prefix="elsewhere"))
     with pytest.raises(StoreError, match="403"):
@@ -379,28 +377,36 @@ def test_cached_is_io_free_lookup() -> None:
     assert ring.cached("k") is kv and store.reads == 1
 
 
-def test_expired_token_triggers_one_relogin(bao: DevBao) -> None:
-    import hvac
-
+def test_revoked_token_means_one_relogin_through_the_session(bao: DevBao,
+                                                              tmp_path: Path) -> None:
+    """The keystore has no login of its own: a dead token is the session's to replace,
+    with the secret_id it holds (the file is gone after the first login)."""
+    from bootkey_core.vault import VaultSession
+    from bootkey_core.vault_config import VaultConnection
     from kes.vaultstore import VaultKeyStore
     full = vault_store(bao, 2)
     full.create("k", _value())
     root = bao.client()
-    token = {"t": "not-a-valid-token"}
-    logins: list[int] = []
-
-    def relogin() -> None:
-        logins.append(1)
-        token["t"] = root.token
-
-    store = VaultKeyStore(lambda: hvac.Client(url=bao.address, token=token["t"]), full.cfg,
-                          relogin=relogin)
+    name = f"kes-relogin-{secrets.token_hex(4)}"
+    root.sys.create_or_update_policy(name, full.policy_hcl())
+    if "approle/" not in root.sys.list_auth_methods()["data"]:
+        root.sys.enable_auth_method("approle")
+    root.auth.approle.create_or_update_approle(name, token_policies=[name], token_ttl="1h")
+    role_id = root.auth.approle.read_role_id(name)["data"]["role_id"]
+    sid = tmp_path / "secret-id"
+    sid.write_text(root.auth.approle.generate_secret_id(name)["data"]["secret_id"])
+    session = VaultSession(VaultConnection.model_validate({
+        "address": bao.address,
+        "approle": {"role_id": role_id, "secret_id_file": str(sid),
+                    "remove_secret_id_file": True}}))
+    session.login()
+    assert not sid.exists()
+    store = VaultKeyStore(session, full.cfg)
+    root.auth.token.revoke(session.raw_client().token)
     assert store.get("k")
-    assert logins == [1]
+    assert session.logins == 2
 
-    def failing() -> None:
-        raise RuntimeError("approle refused")
-    broken = VaultKeyStore(lambda: hvac.Client(url=bao.address, token="bad"), full.cfg,
-                           relogin=failing)
-    with pytest.raises(StoreError, match="login failed"):
-        broken.get("k")
+    root.auth.token.revoke(session.raw_client().token)
+    root.auth.approle.delete_role(name)  # nothing can log in any more
+    with pytest.raises(StoreError, match="cannot log in"):
+        store.get("k")

@@ -21,8 +21,18 @@ from bootkey_core.errors import ConfigError
 from kes.identity import of_certificate
 from kes.messages import MAX_BODY, Request, Response
 from kes.server import ServerThread
-from kes.tls_context import TLSConfig
-from tests.kes.server_util import Pki, Reader, Recorder, connect, request, wait_for
+from kes.tls_context import TLSConfig, build_context
+from tests.kes.server_util import (
+    PROTOCOLS,
+    Pki,
+    Reader,
+    Recorder,
+    call,
+    connect,
+    log_stream,
+    request,
+    wait_for,
+)
 from tests.support.certs import make_ca, make_leaf
 
 
@@ -47,7 +57,7 @@ def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.Abstrac
     if request.param == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
+        return uvloop.new_event_loop
     return asyncio.new_event_loop
 
 
@@ -66,17 +76,20 @@ def client_ctx(pki: Pki) -> ssl.SSLContext:
 # Identity -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("proto", PROTOCOLS)
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 @pytest.mark.parametrize("kind", ["rsa", "ec", "ed25519"])
 def test_identity_of_each_key_type_reaches_the_handler(
-    pki: Pki, server: ServerThread, recorder: Recorder, kind: str, version: ssl.TLSVersion
+    pki: Pki, server: ServerThread, recorder: Recorder, *, kind: str, version: ssl.TLSVersion,
+    proto: str,
 ) -> None:
     client = make_leaf(None, f"self-signed-{kind}", kind=kind, client=True)  # type: ignore[arg-type]
-    with connect(server.port, pki.client_context(client, version=version)) as s:
+    ctx = pki.client_context(client, version=version)
+    with connect(server.port, ctx) as s:
         names = {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}
         assert s.version() == names[version]
-        s.sendall(request("POST", "/v1/key/generate/my-key", b'{"context":""}'))
-        reply = Reader(s).response()
+    reply = call(proto, server.port, ctx, "POST", "/v1/key/generate/my-key",
+                 body=b'{"context":""}')
     assert reply.status == 200
     assert reply.json()["identity"] == of_certificate(client.cert)
     seen = recorder.requests[0]
@@ -88,16 +101,15 @@ def test_identity_of_each_key_type_reaches_the_handler(
     assert seen.received_ns > 0
 
 
+@pytest.mark.parametrize("proto", PROTOCOLS)
 def test_minio_style_api_key_cert_expired_long_ago_is_accepted_by_default(
-    pki: Pki, server: ServerThread, recorder: Recorder
+    pki: Pki, server: ServerThread, recorder: Recorder, proto: str
 ) -> None:
     # MinIO's API-key certificate: self-signed Ed25519, 90 days from MinIO's start, no SAN.
     started = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
     expired = make_leaf(None, "identity-as-cn", kind="ed25519", client=True, days=90,
                         not_before=started)
-    with connect(server.port, pki.client_context(expired)) as s:
-        s.sendall(request("GET", "/version"))
-        assert Reader(s).response().status == 200
+    assert call(proto, server.port, pki.client_context(expired), "GET", "/version").status == 200
     assert recorder.requests[0].identity == of_certificate(expired.cert)
 
 
@@ -147,9 +159,24 @@ def test_tls_1_1_is_refused(pki: Pki, server: ServerThread, client_ctx: ssl.SSLC
         connect(server.port, ctx).close()
 
 
-def test_alpn_picks_http11_when_go_offers_h2_first(pki: Pki, server: ServerThread) -> None:
+@pytest.mark.parametrize(("offered", "chosen"), [
+    (["h2", "http/1.1"], "h2"),  # Go with ForceAttemptHTTP2, curl: as KES, h2
+    (["http/1.1"], "http/1.1"),
+    (["h2"], "h2"),
+    (None, None),  # no ALPN at all: HTTP/1.1 (every other test here speaks it so)
+])
+def test_alpn_picks_h2_when_offered_else_http11(pki: Pki, server: ServerThread,
+                                                 offered: list[str] | None,
+                                                 chosen: str | None) -> None:
     client = make_leaf(None, "go", kind="ed25519", client=True)
-    with connect(server.port, pki.client_context(client, alpn=["h2", "http/1.1"])) as s:
+    with connect(server.port, pki.client_context(client, alpn=offered)) as s:
+        assert s.selected_alpn_protocol() == chosen
+
+
+def test_http11_only_context_never_picks_h2(pki: Pki) -> None:
+    client = make_leaf(None, "go", kind="ed25519", client=True)
+    with ServerThread(Recorder(), build_context(pki.tls(), http2=False)) as st, \
+            connect(st.port, pki.client_context(client, alpn=["h2", "http/1.1"])) as s:
         assert s.selected_alpn_protocol() == "http/1.1"
 
 
@@ -174,8 +201,9 @@ def test_curl_with_client_certificate(pki: Pki, server: ServerThread, recorder: 
     client = make_leaf(None, "curl", kind="ed25519", client=True)
     cert, key = pki.write_client(client, "curl")
     out = subprocess.run(
-        ["curl", "-sS", "--fail-with-body", "--cacert", str(pki.ca_file), "--cert", str(cert),
-         "--key", str(key), "-H", "Transfer-Encoding: chunked", "--data-binary", "@-",
+        ["curl", "-sS", "--http1.1", "--fail-with-body", "--cacert", str(pki.ca_file),
+         "--cert", str(cert), "--key", str(key), "-H", "Transfer-Encoding: chunked",
+         "--data-binary", "@-",
          f"https://127.0.0.1:{server.port}/v1/key/decrypt/k"],
         input=b'{"ciphertext":"abc"}', capture_output=True, timeout=30, check=True,
     )
@@ -363,19 +391,9 @@ def test_streaming_response_ends_when_the_client_disconnects(
     pki: Pki, client_ctx: ssl.SSLContext
 ) -> None:
     ended: list[bool] = []
-    more = asyncio.Event()
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            for i in range(3):
-                yield b'{"event":%d}\n' % i
-            await more.wait()  # a log stream blocks until something happens
-            yield b"never"
-        finally:
-            ended.append(True)
 
     async def handler(request: Request) -> Response:
-        return Response(200, stream=events())
+        return Response(200, stream=log_stream(ended))
 
     with ServerThread(handler, pki.tls()) as st:
         with connect(st.port, client_ctx) as s:
@@ -438,7 +456,8 @@ def test_stream_that_never_suspends_is_held_back_by_a_slow_client(
         # Read nothing until the server either waits for the client to drain or has
         # produced the whole stream (which it must not: that is 50 MiB in its buffers).
         wait_for(lambda: len(buffered) == count or any(
-            c._drain is not None for c in st.server.connections), what="stream to stall")
+            getattr(c, "_drain", None) is not None for c in st.server.connections),
+            what="stream to stall")
         reply = Reader(s).response()
     assert len(reply.body) == count * len(piece)
     assert len(buffered) == count

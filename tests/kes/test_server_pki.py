@@ -6,13 +6,15 @@ import datetime as dt
 import ssl
 from pathlib import Path
 
-import hvac
 import pytest
 from cryptography import x509
 
 from bootkey_core.errors import ConfigError, VaultDenied
+from bootkey_core.vault import VaultSession
 from kes.server import ServerThread
-from kes.tls_context import VaultPKI, renewal_delay
+from kes.tls_context import renewal_delay
+from kes.vault_pki import VaultPKI
+from tests.kes.conftest import token_session
 from tests.kes.server_util import Reader, Recorder, connect, request, wait_for
 from tests.support.bao import DevBao
 from tests.support.certs import make_leaf
@@ -35,6 +37,10 @@ def _client(pki: Pki, tmp_path: Path) -> ssl.SSLContext:
     return ctx
 
 
+def _root(p: Pki) -> VaultSession:
+    return token_session(p.root.url, p.root.token)
+
+
 def _served_serial(port: int, ctx: ssl.SSLContext) -> int:
     with connect(port, ctx) as s:
         s.sendall(request("GET", "/version"))
@@ -45,7 +51,7 @@ def _served_serial(port: int, ctx: ssl.SSLContext) -> int:
 
 
 def test_server_certificate_from_vault_pki(vault_pki: Pki, tmp_path: Path) -> None:
-    source = VaultPKI(lambda: vault_pki.root, role=vault_pki.role, common_name="localhost",
+    source = VaultPKI(_root(vault_pki), role=vault_pki.role, common_name="localhost",
                       mount=vault_pki.mount, ttl="10m")
     tls = source.issue()
     assert b"PRIVATE KEY" in tls.key_pem and not list(tmp_path.glob("*key*"))
@@ -60,7 +66,7 @@ def test_server_certificate_from_vault_pki(vault_pki: Pki, tmp_path: Path) -> No
 
 
 def test_certificate_is_renewed_before_it_expires(vault_pki: Pki, tmp_path: Path) -> None:
-    source = VaultPKI(lambda: vault_pki.root, role=vault_pki.role, common_name="localhost",
+    source = VaultPKI(_root(vault_pki), role=vault_pki.role, common_name="localhost",
                       mount=vault_pki.mount, ttl="3s")
     ctx = _client(vault_pki, tmp_path)
     with ServerThread(Recorder(), source.issue(), cert_source=source) as st:
@@ -72,14 +78,13 @@ def test_certificate_is_renewed_before_it_expires(vault_pki: Pki, tmp_path: Path
 
 
 def test_pki_errors_name_the_fix(vault_pki: Pki, bao: DevBao) -> None:
-    weak = hvac.Client(url=bao.address,
-                       token=vault_pki.root.auth.token.create(policies=["default"])["auth"][
-                           "client_token"])
+    weak = token_session(bao.address, vault_pki.root.auth.token.create(
+        policies=["default"])["auth"]["client_token"])
     with pytest.raises(VaultDenied, match=f"grant the token 'update' on {vault_pki.mount}/issue"):
-        VaultPKI(lambda: weak, role=vault_pki.role, common_name="localhost",
+        VaultPKI(weak, role=vault_pki.role, common_name="localhost",
                  mount=vault_pki.mount).issue()
     with pytest.raises(ConfigError, match="allow these names"):
-        VaultPKI(lambda: vault_pki.root, role=vault_pki.role, common_name="evil.example",
+        VaultPKI(_root(vault_pki), role=vault_pki.role, common_name="evil.example",
                  mount=vault_pki.mount).issue()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kes.server_util import Pki, Reader, connect, request, wait_for
+from tests.kes.server_util import H2Client, Pki, Reader, connect, request, wait_for
 from tests.support.certs import make_leaf
 
 SCRIPT = r"""
@@ -114,7 +114,7 @@ def _pid_of_answer(port: int, ctx: ssl.SSLContext,
         pid = Reader(s).response().json()["pid"]
         assert isinstance(pid, int)
         assert s.session is not None
-        return pid, s.session_reused, s.session
+        return pid, bool(s.session_reused), s.session
 
 
 def test_two_workers_serve_share_tickets_and_stop_on_sigterm(
@@ -178,3 +178,23 @@ def test_sighup_to_the_parent_reaches_every_worker_once(pki: Pki, workers: Runni
 
     wait_for(both_reloaded, what="both workers to see one SIGHUP")
     assert workers.proc.poll() is None  # the parent is still serving
+
+
+def test_sigterm_sends_goaway_to_h2_clients_of_every_worker(pki: Pki, workers: Running) -> None:
+    ctx = pki.client_context(make_leaf(None, "minio", kind="ed25519", client=True))
+    clients: dict[int, H2Client] = {}
+    for _ in range(60):  # connections spread over both workers by the 4-tuple hash
+        client = H2Client(workers.port, ctx)
+        pid = int(client.request("GET", "/version").json()["pid"])  # type: ignore[call-overload]
+        if pid in clients:
+            client.close()
+        else:
+            clients[pid] = client
+        if len(clients) == 2:
+            break
+    assert set(clients) == _children(workers.proc.pid)
+    workers.proc.send_signal(signal.SIGTERM)
+    for client in clients.values():
+        assert client.wait_goaway().error_code == 0  # NO_ERROR: a graceful shutdown
+        client.close()
+    assert workers.proc.wait(15) == 0

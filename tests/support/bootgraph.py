@@ -52,7 +52,7 @@ class BootRoot:
         self.etc.mkdir(parents=True)
         shutil.copytree(_host_units_copy(), root / "usr/lib/systemd/system", symlinks=True,
                         copy_function=_link_or_copy)
-        for exe in ("usr/bin/bootkey", "lib/systemd/systemd-cryptsetup"):
+        for exe in ("usr/bin/bootkey", "lib/systemd/systemd-cryptsetup", "bin/kill"):
             p = root / exe
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(STUB)

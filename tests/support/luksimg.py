@@ -13,6 +13,7 @@ from bootkey import config as cfgmod
 from bootkey import keystore, luks
 from bootkey.vault import VaultSession
 from bootkey_core.secret import SecretBuffer
+from tests.support.scan import register_secret
 
 PASSPHRASE = b"correct horse battery staple"
 HEADER_BYTES = 16 * 1024 * 1024  # LUKS2 default header area
@@ -56,6 +57,7 @@ def enroll_direct(cfg: cfgmod.Config, enroll_token: str, device: str, *,
     session = VaultSession(cfg.vault, token=enroll_token, deadline=10)
     with (key or SecretBuffer.random(keystore.KEY_BYTES)) as k, \
             SecretBuffer.from_bytes(bytearray(passphrase)) as existing:
+        register_secret(k, f"enroll_direct key of {device}")
         sealed = keystore.seal(session, loc, k)
         slot = luks.add_key(device, existing, k)
         entry = keystore.Entry(host_id=host, luks_uuid=hdr.uuid, name=name, keys=[

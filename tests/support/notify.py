@@ -16,6 +16,7 @@ class NotifyListener:
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self.arrivals: list[tuple[float, str]] = []  # (time.monotonic(), message)
         self._cond = threading.Condition()
         self._stop = False
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -29,8 +30,11 @@ class NotifyListener:
                 continue
             except OSError:
                 return
+            now = time.monotonic()
             with self._cond:
-                self.messages.extend(data.decode().split("\n"))
+                lines = data.decode().split("\n")
+                self.messages.extend(lines)
+                self.arrivals.extend((now, m) for m in lines)
                 self._cond.notify_all()
 
     def wait_for(self, pred: Callable[[str], bool], timeout: float = 30.0) -> str:
@@ -44,6 +48,10 @@ class NotifyListener:
                 if left <= 0:
                     raise AssertionError(f"no matching sd_notify message; got {self.messages}")
                 self._cond.wait(left)
+
+    def times_of(self, message: str) -> list[float]:
+        with self._cond:
+            return [t for t, m in self.arrivals if m == message]
 
     def close(self) -> None:
         self._stop = True
