@@ -255,3 +255,16 @@ def test_a_launcher_that_cannot_import_bootkey_declines_so_the_prompt_comes(
         listener.close()
     assert "cannot start" in err and "the passphrase prompt takes over" in err
 
+
+
+def test_module_stops_dracut_when_the_config_is_missing(tmp_path: Path) -> None:
+    """dracut ignores install()'s status, so the module must end the build itself rather
+    than write an initrd whose crypttab names a socket nobody serves."""
+    script = (f'dfatal() {{ echo "FATAL: $*" >&2; }}\n'
+              f'dracutsysrootdir={tmp_path} initdir={tmp_path}/initrd\n'
+              f'. {MODULE_DIR}/module-setup.sh\ninstall\necho "install returned"\n')
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 1
+    assert "install returned" not in proc.stdout
+    assert "FATAL: bootkey: /etc/bootkey/bootkey.toml is missing" in proc.stderr
