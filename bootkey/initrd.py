@@ -43,9 +43,12 @@ DEFAULT_CONFIG = Path("/etc/bootkey/bootkey.toml")
 # Where the dracut module puts the encrypted secret_id credential (systemd-creds), and
 # the credential name the initrd unit loads it as.
 CREDSTORE = Path("/etc/credstore.encrypted")
+# How long bootkey waits for Vault before it also asks on the console.
+PROMPT_AFTER = 3.0
 # Modules the key socket path imports, lazily included: hvac/requests resolve these on
 # the first request, after every import has run.
 _LAZY_MODULES = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "systemd.journal",
+                 "systemd.daemon",
                  "concurrent.futures.thread", "http.client", "email.parser", "json.decoder")
 
 
@@ -62,9 +65,8 @@ class RootSetup:
 
 
 def root_setup(name: str, luks_uuid: str, *, ip: str = "dhcp") -> RootSetup:
-    # password-cache=no: a passphrase typed at the fallback prompt is not kept in the
-    # kernel keyring. No headless=: the prompt is the way in when Vault is away.
-    crypttab = f"{name}  UUID={luks_uuid}  {SOCKET_PATH}  luks,x-initrd.attach,password-cache=no"
+    # No headless=: the prompt is the way in when Vault is away.
+    crypttab = f"{name}  UUID={luks_uuid}  {SOCKET_PATH}  luks,x-initrd.attach"
     dracut_conf = 'add_dracutmodules+=" bootkey "\n'
     cmdline = f"root=/dev/mapper/{name} rd.neednet=1 ip={ip}"
     return RootSetup(crypttab, dracut_conf, cmdline)
@@ -124,6 +126,31 @@ def module_files(modules: Mapping[str, object]) -> list[str]:
     return sorted(out)
 
 
+def parse_ldd(output: str) -> list[str]:
+    """Library paths from `ldd` output ("libffi.so.8 => /lib/…/libffi.so.8 (0x…)")."""
+    out = []
+    for line in output.splitlines():
+        _, arrow, rest = line.partition("=>")
+        path = rest.split("(")[0].strip() if arrow else ""
+        if path.startswith("/"):
+            out.append(path)
+    return out
+
+
+def shared_libraries(files: Iterable[str]) -> list[str]:
+    """What the extension modules link: dracut resolves libraries of executables only,
+    and lib-dynload's modules are not executable (_ctypes needs libffi, _ssl libssl)."""
+    import subprocess
+
+    libs: set[str] = set()
+    for f in files:
+        if ".so" in os.path.basename(f):
+            proc = subprocess.run(["ldd", f], capture_output=True, text=True, check=False,
+                                  timeout=30)
+            libs.update(parse_ldd(proc.stdout))
+    return sorted(libs)
+
+
 def runtime_files(config_path: Path) -> list[str]:
     """Everything the dracut module copies besides the interpreter: the modules the key
     socket path imports (imported here, in this process), then the config files."""
@@ -137,6 +164,7 @@ def runtime_files(config_path: Path) -> list[str]:
     cfg = config_mod.load(config_path)
     VaultSession.from_config(cfg)  # builds the hvac clients: their lazy imports too
     files = module_files(sys.modules)
+    files += shared_libraries(files)
     files += [str(p) for p in config_files(cfg, config_path) if p.exists()]
     return files
 
@@ -145,9 +173,9 @@ def runtime_files(config_path: Path) -> list[str]:
 
 
 class InitrdKeys:
-    """The key provider: one Vault session, logged in on the first request. While it
-    waits for Vault it also asks on the console (systemd's password agents), and
-    whichever answers first is sent: a passphrase typed at once is never held up."""
+    """The key provider: one Vault session, logged in on the first request. When Vault
+    has not answered within PROMPT_AFTER it also asks on the console (systemd's password
+    agents), and whichever answers first is sent: a typed passphrase is never held up."""
 
     def __init__(self, cfg: Config, ask_dir: Path = askpassword.ASK_DIR) -> None:
         self.cfg = cfg
@@ -173,7 +201,13 @@ class InitrdKeys:
             return self._volumes.get(name)
 
     def is_managed(self, name: str) -> bool:
-        return self._volume(name) is not None
+        if self._volume(name) is not None:
+            return True
+        # crypttab names this socket only for bootkey's volumes: say why it declines.
+        print(f"bootkey: volume {name}: no device here carries this host's bootkey token "
+              f"(host_id {self.cfg.host_id or 'from /etc/machine-id'}) — type the "
+              "passphrase at the prompt", file=sys.stderr, flush=True)
+        return False
 
     def vault_key(self, vol: Volume, deadline: float) -> SecretBuffer | None:
         try:
@@ -198,6 +232,9 @@ class InitrdKeys:
         threading.Thread(target=lambda: race.offer_vault(self.vault_key(vol, deadline)),
                          name=f"vault-{volume}", daemon=True).start()
         typed: SecretBuffer | None = None
+        # Vault usually answers within this: then nobody sees a prompt at all.
+        if race.vault_done.wait(max(0.0, min(PROMPT_AFTER, deadline - time.monotonic()))):
+            return race.close()
         try:
             with askpassword.PassphrasePrompt(
                     f"Please enter passphrase for disk {volume} (bootkey is asking Vault):",

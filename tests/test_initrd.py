@@ -5,6 +5,7 @@ The boot itself is proven in tests/vm/test_initrd.py."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +35,6 @@ def test_root_setup_names_the_initrd_socket_and_keeps_the_prompt() -> None:
     assert "x-initrd.attach" in opts
     # the console prompt must stay the way in when Vault is away
     assert not any(o.startswith("headless") for o in opts)
-    assert "password-cache=no" in opts
     assert s.kernel_cmdline == "root=/dev/mapper/root rd.neednet=1 ip=dhcp"
     assert s.dracut_conf == 'add_dracutmodules+=" bootkey "\n'
 
@@ -80,7 +80,13 @@ def test_list_files_holds_the_unlock_path_and_not_the_cli(tmp_path: Path) -> Non
     names = {Path(f).name for f in files}
     for needed in ("keysocket.py", "vault.py", "unlock.py", "initrd.py", "idna.py"):
         assert needed in names, needed
+    # imported inside functions: the activated socket (without it the initrd would bind
+    # its own and leave systemd-cryptsetup on systemd's, unanswered) and the journal
+    assert any(f.endswith("/systemd/daemon.py") for f in files)
+    assert any(f.endswith("/systemd/journal.py") for f in files)
     assert str(cfg) in files and str(sid) in files
+    # libraries of extension modules, which dracut would not resolve (ctypes → libffi)
+    assert any(Path(f).name.startswith("libffi.so") for f in files)
     # the CLI, enrolment and the KES server stay out of the initrd; of kes, only the
     # [kes] section's model comes along (the config is validated whole)
     kes_config_only = ("/kes/__init__.py", "/kes/config.py", "/kes/policy.py")
@@ -186,7 +192,7 @@ def test_a_passphrase_typed_while_vault_is_away_is_sent_at_once(
     assert list(ask_dir.iterdir()) == []
 
 
-def test_the_vault_key_withdraws_the_console_prompt(vault_env2: VaultEnv,
+def test_a_prompt_vault_answer_needs_no_console_prompt(vault_env2: VaultEnv,
                                                     tmp_path: Path) -> None:
     key = os.urandom(64)
     img = make_image(tmp_path / "root.img")
@@ -198,4 +204,67 @@ def test_the_vault_key_withdraws_the_console_prompt(vault_env2: VaultEnv,
     keys = initrd.InitrdKeys(cfg, ask_dir=ask_dir)
     got = keys.key_for("root", time.monotonic() + 30)
     assert got is not None and bytes(got.view) == key
-    assert list(ask_dir.iterdir()) == []
+    assert not ask_dir.exists() or list(ask_dir.iterdir()) == []
+
+
+def test_both_packages_ship_every_file_of_the_module() -> None:
+    build = (MODULE_DIR.parent.parent / "build-deb.sh").read_text()
+    spec = (MODULE_DIR.parent.parent / "bootkey.spec").read_text()
+    assert "/usr/lib/dracut/modules.d/90bootkey" in build
+    assert "/usr/lib/dracut/modules.d/90bootkey" in spec
+    # the spec installs the two unit files with one glob
+    spec = spec.replace("bootkey-initrd.s*", "bootkey-initrd.socket bootkey-initrd.service")
+    for f in MODULE_DIR.iterdir():
+        assert f.name in build, f.name
+        assert f.name in spec, f.name
+
+
+def test_parse_ldd() -> None:
+    out = ("\tlinux-vdso.so.1 (0x00007ffd)\n"
+           "\tlibffi.so.8 => /lib/x86_64-linux-gnu/libffi.so.8 (0x00007fac)\n"
+           "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007fab)\n"
+           "\t/lib64/ld-linux-x86-64.so.2 (0x00007fad)\n"
+           "\tlibmissing.so.1 => not found\n")
+    assert initrd.parse_ldd(out) == ["/lib/x86_64-linux-gnu/libffi.so.8",
+                                     "/lib/x86_64-linux-gnu/libc.so.6"]
+
+
+@pytest.mark.skipif(Path("/usr/lib/bootkey").exists(), reason="bootkey is installed here")
+def test_a_launcher_that_cannot_import_bootkey_declines_so_the_prompt_comes(
+    tmp_path: Path
+) -> None:
+    """The initrd launcher with no bootkey to import (as on this host: /usr/lib/bootkey is
+    absent) still answers systemd-cryptsetup, with zero bytes, instead of leaving it
+    blocked on a socket nobody accepts on."""
+    sock = tmp_path / "initrd.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(4)
+    fd = listener.fileno()
+    # as systemd passes it: the listening socket as fd 3, LISTEN_PID naming the process
+    proc = subprocess.Popen(
+        ["bash", "-c", f'exec 3<&{fd}; export LISTEN_PID=$$ LISTEN_FDS=1; '
+         'exec /usr/bin/python3 -IS "$0"', str(MODULE_DIR / "bootkey-initrd")],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, pass_fds=(fd,))
+    try:
+        assert systemd_client(sock, "root", timeout=20) == b""
+        assert systemd_client(sock, "root", timeout=20) == b""
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        listener.close()
+    assert "cannot start" in err and "the passphrase prompt takes over" in err
+
+
+
+def test_module_stops_dracut_when_the_config_is_missing(tmp_path: Path) -> None:
+    """dracut ignores install()'s status, so the module must end the build itself rather
+    than write an initrd whose crypttab names a socket nobody serves."""
+    script = (f'dfatal() {{ echo "FATAL: $*" >&2; }}\n'
+              f'dracutsysrootdir={tmp_path} initdir={tmp_path}/initrd\n'
+              f'. {MODULE_DIR}/module-setup.sh\ninstall\necho "install returned"\n')
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 1
+    assert "install returned" not in proc.stdout
+    assert "FATAL: bootkey: /etc/bootkey/bootkey.toml is missing" in proc.stderr

@@ -30,6 +30,7 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -502,6 +503,7 @@ class VM:
         timeout: float = BOOT_TIMEOUT,
         overlay: Path | None = None,
         cmdline: str = "",
+        console_input: bool = False,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -515,6 +517,13 @@ class VM:
         self.memory_mb, self.smp, self.timeout = memory_mb, smp, timeout
         self.cmdline = cmdline  # appended to the kernel command line
         self.console_path = workdir / "console.log"
+        # console_input: the serial port is a socket qemu waits on until the harness
+        # connects; a thread copies the guest's output to console.log, and
+        # type_console() writes to it. Otherwise the serial port writes the file itself.
+        self.console_input = console_input
+        self.console_sock = workdir / "console.sock"
+        self._console_conn: socket.socket | None = None
+        self._console_thread: threading.Thread | None = None
         self.qmp_path = workdir / "qmp.sock"
         self.out_disk = workdir / "bkout.img"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -522,6 +531,35 @@ class VM:
         self._started = 0.0
         self._qmp: QMP | None = None
         self._hotplugged = 0
+
+    def _serial_args(self) -> list[str]:
+        if not self.console_input:
+            return ["-serial", f"file:{self.console_path}"]
+        return ["-chardev", f"socket,id=con0,path={self.console_sock},server=on,wait=on",
+                "-serial", "chardev:con0"]
+
+    def _attach_console(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(str(self.console_sock))
+                break
+            except OSError:
+                conn.close()
+                if time.monotonic() > deadline:
+                    raise AssertionError("qemu never opened its console socket") from None
+                time.sleep(0.05)
+        self._console_conn = conn
+
+        def copy() -> None:
+            with self.console_path.open("ab") as log:
+                while chunk := conn.recv(65536):
+                    log.write(chunk)
+                    log.flush()
+
+        self._console_thread = threading.Thread(target=copy, name="console", daemon=True)
+        self._console_thread.start()
 
     def argv(self) -> list[str]:
         assert QEMU
@@ -534,7 +572,7 @@ class VM:
         argv = [
             QEMU, "-accel", "tcg", "-cpu", "max", "-smp", str(self.smp),
             "-m", str(self.memory_mb), "-nodefaults", "-display", "none", "-no-reboot",
-            "-serial", f"file:{self.console_path}",
+            *self._serial_args(),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initrd),
             "-append", " ".join(("console=ttyS0 panic=-1 rw loglevel=4 systemd.show_status=1",
@@ -575,6 +613,8 @@ class VM:
             start_new_session=True,
         )
         log.close()
+        if self.console_input:
+            self._attach_console()
 
     @property
     def console(self) -> str:
@@ -600,6 +640,12 @@ class VM:
                 raise AssertionError(
                     f"console never showed {pattern!r}:\n{self.console[-4000:]}")
             time.sleep(0.2)
+
+    def type_console(self, text: bytes) -> None:
+        """Type `text` on the serial console (needs console_input=True)."""
+        if self._console_conn is None:
+            raise AssertionError("type_console needs VM(..., console_input=True)")
+        self._console_conn.sendall(text)
 
     def qmp(self) -> QMP:
         if self._qmp is None:
@@ -652,6 +698,12 @@ class VM:
         self._release()
 
     def _release(self) -> None:
+        if self._console_thread is not None:  # ends at qemu's exit: the console is whole
+            self._console_thread.join(timeout=10)
+            self._console_thread = None
+        if self._console_conn is not None:
+            self._console_conn.close()
+            self._console_conn = None
         if self._lock is not None:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()

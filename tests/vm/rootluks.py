@@ -12,12 +12,17 @@ initrds are built once per run (a module fixture), on top of the cached layers.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import hvac
 
 from bootkey.initrd import root_setup
 from tests.support.vaultenv import VaultEnv
@@ -38,8 +43,6 @@ DRACUT_MODULES = ("systemd", "systemd-initrd", "dracut-systemd", "systemd-udevd"
                   "fs-lib", "rootfs-block", "kernel-modules", "crypt")
 DRACUT_DRIVERS = ("virtio_pci", "virtio_blk", "virtio_net", "dm_crypt", "xts", "ecb",
                   "aesni_intel")
-CMDLINE = f"{root_setup(NAME, LUKS_UUID).kernel_cmdline} rd.udev.log_level=3"
-KEYFILE_CMDLINE = f"root=/dev/mapper/{NAME}"
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,56 @@ def _dracut(root: Path, kver: str, out: str, modules: tuple[str, ...],
         timeout=900, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
 
 
+def role_name(root_client: hvac.Client, env: VaultEnv) -> str:
+    roles = root_client.auth.approle.list_roles()["data"]["keys"]
+    (role,) = [r for r in roles
+               if root_client.auth.approle.read_role_id(r)["data"]["role_id"] == env.role_id]
+    return str(role)
+
+
+def fixed_ids(root_client: hvac.Client, env: VaultEnv, workdir: Path) -> VaultEnv:
+    """Give the host's AppRole a role_id and secret_id derived from constants, so the
+    config baked into the initrd (and so the cached guest) is the same in every run."""
+    role = role_name(root_client, env)
+    ids = hashlib.sha256(f"bootkey-vm-initrd/{harness.MACHINE_ID}".encode()).hexdigest()
+    role_id = str(uuid.UUID(ids[:32]))
+    secret_id = str(uuid.UUID(ids[32:]))
+    root_client.auth.approle.update_role_id(role, role_id)
+    root_client.auth.approle.create_custom_secret_id(role, secret_id)
+    sid = workdir / "secret-id"
+    sid.write_text(secret_id)
+    sid.chmod(0o600)
+    return dataclasses.replace(env, role_id=role_id, secret_id_file=sid)
+
+
 def build(deb: Path, env: VaultEnv, workdir: Path) -> RootGuest:
-    k = harness.kernel()
+    """The guest for `env` (ids from `fixed_ids`): the encrypted root and the initrds are
+    cached by their inputs; the copy in `workdir` gets this run's Vault key enrolled."""
     installed = harness.installed_rootfs(deb, PACKAGES)
-    shutil.rmtree(workdir, ignore_errors=True)
+    config_text = guest_config(env)
+    key = harness._sha(harness.RECIPE, installed.parent.name, config_text,
+                       env.secret_id_file.read_bytes(), Path(__file__).read_bytes(),
+                       *(f"{p}={c!r}" for p, c in sorted(harness._harness_files().items())))
+    cached = harness.cache_dir() / f"rootluks-{key}"
+    with harness._locked("rootluks"):
+        if not (cached / "done").exists():
+            shutil.rmtree(cached, ignore_errors=True)
+            _build(installed, env, cached)
+            (cached / "done").touch()
+            for old in harness.cache_dir().glob("rootluks-*"):
+                if old != cached:
+                    shutil.rmtree(old, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    img = workdir / "root.img"
+    harness._run(["cp", "--sparse=always", str(cached / "root.img"), str(img)], timeout=600)
+    enroll(env, img, workdir)
+    initrd, keyfile_initrd = cached / "initrd-bootkey.img", cached / "initrd-keyfile.img"
+    return RootGuest(img, initrd, keyfile_initrd,
+                     {"bootkey": initrd.stat().st_size, "keyfile": keyfile_initrd.stat().st_size})
+
+
+def _build(installed: Path, env: VaultEnv, workdir: Path) -> None:
+    k = harness.kernel()
     workdir.mkdir(parents=True)
     root = workdir / "rootfs"
     harness._run(["cp", "-a", "--reflink=auto", str(installed), str(root)], timeout=300)
@@ -93,14 +142,15 @@ def build(deb: Path, env: VaultEnv, workdir: Path) -> RootGuest:
         "/etc/bootkey/secret-id": (env.secret_id_file.read_bytes(), 0o600),
         "/etc/dracut.conf.d/bootkey.conf": (setup.dracut_conf.encode(), 0o644),
     }
-    harness.populate(root, harness.ImageSpec(deb=deb, files=files, enable=["bootkey.service"]))
+    harness.populate(root, harness.ImageSpec(deb=None, files=files, enable=["bootkey.service"]))
     _dracut(root, k.version, "/boot/initrd-bootkey.img", (*DRACUT_MODULES, "bootkey"))
     # The comparison guest: the passphrase as a keyfile in the initrd, its own crypttab.
     (root / KEYFILE.lstrip("/")).write_bytes(PASSPHRASE)
     (root / "tmp/crypttab.keyfile").write_text(
         f"{NAME} UUID={LUKS_UUID} {KEYFILE} luks\n")
     _dracut(root, k.version, "/boot/initrd-keyfile.img", DRACUT_MODULES,
-            ("--include", "/tmp/crypttab.keyfile", "/etc/crypttab", "--install", KEYFILE))
+            ("--omit", "bootkey", "--include", "/tmp/crypttab.keyfile", "/etc/crypttab",
+             "--install", KEYFILE))
     (root / KEYFILE.lstrip("/")).unlink()
     (root / "tmp/crypttab.keyfile").unlink()
     initrd = workdir / "initrd-bootkey.img"
@@ -119,9 +169,6 @@ def build(deb: Path, env: VaultEnv, workdir: Path) -> RootGuest:
          "--uuid", LUKS_UUID, "--key-file=-", str(img)],
         input=PASSPHRASE, capture_output=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    enroll(env, img, workdir)
-    return RootGuest(img, initrd, keyfile_initrd,
-                     {"bootkey": initrd.stat().st_size, "keyfile": keyfile_initrd.stat().st_size})
 
 
 def enroll(env: VaultEnv, img: Path, workdir: Path) -> None:

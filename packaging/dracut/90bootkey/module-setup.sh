@@ -25,8 +25,10 @@ install() {
     local config=${BOOTKEY_CONFIG:-/etc/bootkey/bootkey.toml}
     local -a files
     if [[ ! -f $dracutsysrootdir$config ]]; then
-        derror "bootkey: $config is missing — write it (docs/initrd.md) or drop the bootkey module"
-        return 1
+        # dracut ignores install()'s status: stop it, rather than write an initrd whose
+        # crypttab names a socket nobody serves.
+        dfatal "bootkey: $config is missing — write it (docs/initrd.md) or drop the bootkey module"
+        exit 1
     fi
     inst_multiple /usr/bin/python3 cryptsetup
     inst_script "$moddir/bootkey-initrd" /usr/bin/bootkey-initrd
@@ -34,13 +36,18 @@ install() {
     # site-packages (pydantic's v1 copy and bootkey's KES server stay out).
     mapfile -t files < <(/usr/bin/python3 -IS "$moddir/bootkey-initrd" --list-files "$config")
     if [[ ${#files[@]} -lt 10 ]]; then
-        derror "bootkey: could not list the Python modules to install (is $config valid? try: $moddir/bootkey-initrd --list-files)"
-        return 1
+        dfatal "bootkey: could not list the Python modules to install (is $config valid? try: $moddir/bootkey-initrd --list-files)"
+        exit 1
     fi
     inst_multiple "${files[@]}"
-    # Name resolution (the Vault address may be a name) and the default host_id.
-    inst_multiple -o /etc/hosts /etc/nsswitch.conf /etc/resolv.conf /etc/machine-id \
+    # Name resolution (the Vault address may be a name) and the CA bundle.
+    inst_multiple -o /etc/hosts /etc/nsswitch.conf /etc/resolv.conf \
         /etc/ssl/certs/ca-certificates.crt
+    # The default host_id is /etc/machine-id. A generic initrd gets an empty one (systemd
+    # then makes up a new id each boot), and bootkey would find no volume of this host.
+    if [[ -s $dracutsysrootdir/etc/machine-id ]]; then
+        cp -f "$dracutsysrootdir"/etc/machine-id "$initdir"/etc/machine-id
+    fi
     inst_libdir_file -o "libnss_files.so.*" "libnss_dns.so.*" "libresolv.so.*"
     # crypttab lines that use the initrd socket, when dracut's crypt module (hostonly)
     # did not copy them: the generator in the initrd makes systemd-cryptsetup units.
