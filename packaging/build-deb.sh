@@ -131,7 +131,7 @@ Version: $DEBVER
 Architecture: $ARCH
 Maintainer: bootkey maintainers <bootkey@localhost>
 Installed-Size: $size
-Depends: python3 (>= $PYVER), python3 (<< $PYNEXT), cryptsetup-bin, libsystemd0, libc6
+Depends: python3 (>= $PYVER), python3 (<< $PYNEXT), cryptsetup-bin, libsystemd0, libc6, procps
 Recommends: systemd
 Section: admin
 Priority: optional

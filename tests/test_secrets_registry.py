@@ -44,6 +44,23 @@ def test_planted_files_are_found_and_test_inputs_are_not(tmp_path: Path) -> None
     assert {("agent.log", "base64"), ("cache", "HEX")} <= leaks
 
 
+def test_a_vm_disk_may_hold_its_hosts_secret_id_and_no_other_secret(tmp_path: Path) -> None:
+    secret_id, volume_key = os.urandom(36), os.urandom(64)
+    reg = SecretsRegistry(test_written=REGISTRY.test_written)
+    reg.register(secret_id, "secret_id of host h", host_credential=True)
+    reg.register(volume_key, "volume key")
+    write = "import sys; open(sys.argv[1], 'wb').write(bytes.fromhex(sys.argv[2]))"
+    for name, blob in (("root.qcow2", b"fs" + secret_id + b"journal" + volume_key),
+                       ("bkcfg.img", b"tar" + secret_id), ("agent.log", secret_id)):
+        # written by a subprocess, as qemu writes a guest's disks
+        subprocess.run([sys.executable, "-c", write, str(tmp_path / name), blob.hex()],
+                       check=True)
+    reg.machine_disk(tmp_path / "root.qcow2")
+    reg.machine_disk(tmp_path / "bkcfg.img")
+    leaks = {(Path(x.where).name, x.what) for x in reg.scan_files([tmp_path])}
+    assert leaks == {("root.qcow2", "volume key"), ("agent.log", "secret_id of host h")}
+
+
 def test_planted_report_section_is_found_and_the_report_never_holds_the_key() -> None:
     key = os.urandom(32)
     reg = fresh_registry(key)

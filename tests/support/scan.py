@@ -80,15 +80,21 @@ class SecretsRegistry:
     secrets: dict[bytes, str] = field(default_factory=dict)
     test_written: set[str] = field(default_factory=set)
     homes: set[str] = field(default_factory=set)  # files a secret is meant to live in
+    # A host keeps its AppRole secret_id on its own disk (/etc/bootkey/secret-id): the
+    # disks of a test VM may hold these credentials, and no other secret.
+    credentials: set[bytes] = field(default_factory=set)
+    machine_disks: set[str] = field(default_factory=set)
     watched_dirs: list[Path] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def register(self, secret: bytes | bytearray | SecretBuffer, what: str, *,
-                 home: Path | None = None) -> None:
+                 home: Path | None = None, host_credential: bool = False) -> None:
         """Remember a secret to scan for at the end of the run. `what` names its origin
         (e.g. "enroll_direct data.img"); it is what a leak report prints. `home` is the
         file the test asked the product to write this secret to (a secret_id file
-        `setup-vault` writes): that file may hold it, and nothing else."""
+        `setup-vault` writes): that file may hold it, and nothing else.
+        `host_credential`: a secret a host keeps on its own disk by design (a secret_id),
+        so a test VM's disks (`machine_disk`) may hold it."""
         raw = bytes(secret.view) if isinstance(secret, SecretBuffer) else bytes(secret)
         if len(raw) < 8:
             raise ValueError(f"{what}: too short to scan for without false hits")
@@ -96,6 +102,15 @@ class SecretsRegistry:
             self.secrets.setdefault(raw, what)
             if home is not None:
                 self.homes.add(os.path.realpath(home))
+            if host_credential:
+                self.credentials.add(raw)
+
+    def machine_disk(self, path: Path) -> None:
+        """A test VM's disk image (its root overlay, its config disk): the guest's
+        /etc/bootkey holds its secret_id there, as a real host's disk does. Any other
+        registered secret found in it is still a leak."""
+        with self._lock:
+            self.machine_disks.add(os.path.realpath(path))
 
     def watch(self, directory: Path) -> None:
         """Scan this directory too (one the suite writes to outside its tmp dirs)."""
@@ -123,11 +138,15 @@ class SecretsRegistry:
 
     def scan(self, blobs: Iterable[tuple[str, bytes]]) -> list[Leak]:
         with self._lock:
-            probes = [(what, kind, probe) for raw, what in self.secrets.items()
+            probes = [(raw, what, kind, probe) for raw, what in self.secrets.items()
                       for kind, probe in _probes(raw).items()]
+            credentials, disks = set(self.credentials), set(self.machine_disks)
         leaks = []
         for where, blob in blobs:
-            for what, kind, probe in probes:
+            on_disk = os.path.realpath(where) in disks
+            for raw, what, kind, probe in probes:
+                if on_disk and raw in credentials:
+                    continue
                 if probe in blob:
                     leaks.append(Leak(where, kind, what))
         return leaks
@@ -184,6 +203,6 @@ REGISTRY = SecretsRegistry()
 
 
 def register_secret(secret: bytes | bytearray | SecretBuffer, what: str, *,
-                    home: Path | None = None) -> None:
+                    home: Path | None = None, host_credential: bool = False) -> None:
     """Register with the session's registry (for helpers that are not fixtures)."""
-    REGISTRY.register(secret, what, home=home)
+    REGISTRY.register(secret, what, home=home, host_credential=host_credential)

@@ -63,7 +63,7 @@ def provision(root: hvac.Client, workdir: Path, *, kv_version: int = 2,
     # deliveries are tested in tests/test_setup_vault.py.
     secret_id = root.auth.approle.generate_secret_id(
         setup_vault.role_name(host_id), mount_point=vcfg.approle.mount)["data"]["secret_id"]
-    register_secret(secret_id.encode(), f"secret_id of host {host_id}")
+    register_secret(secret_id.encode(), f"secret_id of host {host_id}", host_credential=True)
     sid = workdir / f"secret-id-{host_id}"
     sid.write_text(secret_id)
     sid.chmod(0o600)

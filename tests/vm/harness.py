@@ -37,13 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.scan import REGISTRY
+
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 QEMU = shutil.which("qemu-system-x86_64")
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "kmod", "cryptsetup-bin", "python3", "iproute2",
-    "e2fsprogs", "util-linux", "libsystemd0", "tar",
+    "e2fsprogs", "util-linux", "libsystemd0", "tar", "procps",
 )
 # Modules the initramfs loads (plus their modules.dep closure); ext4 is built in.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk")
@@ -600,6 +602,8 @@ class VM:
             _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
                   str(self.image), str(self.overlay)], timeout=60)
         tar_disk(self.workdir / "bkcfg.img", self.data)
+        for disk in (self.overlay, self.workdir / "bkcfg.img"):
+            REGISTRY.machine_disk(disk)
         with self.out_disk.open("wb") as f:
             f.truncate(64 << 20)
         self.console_path.write_bytes(b"")
