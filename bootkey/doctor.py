@@ -26,7 +26,7 @@ import hvac
 import hvac.exceptions as hx
 import requests
 
-from bootkey import _proc, config, crypttab, keystore, unlock
+from bootkey import _proc, config, crypttab, initrd, keystore, unlock
 from bootkey import doctor_checks as dc
 from bootkey.config import AppRoleConfig, Config
 from bootkey.doctor_checks import Check, Status
@@ -364,6 +364,10 @@ def run_checks(config_path: str | None, where: Where = Where()) -> list[Check]:
                                mode))
     if cfg is not None:
         opts = crypttab.Options(socket_path=str(cfg.keysocket.path))
-        out += dc.tab_lines(volumes, crypttab.Mode(mode), _read(where.path("etc/crypttab")),
-                            _read(where.path("etc/fstab")), opts)
+        tab = _read(where.path("etc/crypttab"))
+        out += dc.tab_lines(volumes, crypttab.Mode(mode), tab, _read(where.path("etc/fstab")),
+                            opts)
+        sealed = dc.initrd_secret_id(dc.initrd_volumes(tab), initrd.secret_id_sealing(cfg))
+        if sealed is not None:
+            out.append(sealed)
     return out

@@ -286,8 +286,11 @@ def tab_lines(volumes: Sequence[crypttab.VolumeLike], mode: crypttab.Mode, crypt
     fs = {f[0]: f for f in _lines(fstab_text) if len(f) >= 2}
     must = {"_netdev", "nofail"}
     out: list[Check] = []
+    in_initrd = set(initrd_volumes(crypttab_text))
     for vol in volumes:
         name = vol.name
+        if name in in_initrd:  # opened before the root is mounted: see initrd_secret_id
+            continue
         problems: list[str] = []
         worst = Status.PASS
         line = ct.get(name)
@@ -331,3 +334,30 @@ def tab_lines(volumes: Sequence[crypttab.VolumeLike], mode: crypttab.Mode, crypt
             out.append(Check(f"crypttab {name}", worst, "; ".join(problems),
                              "use the lines `bootkey crypttab` prints: " + " | ".join(want)))
     return out
+
+
+# ---- the root volume in the initrd ---------------------------------------------------
+
+# bootkey.initrd.SOCKET_PATH (not imported: that module pulls in the key socket server)
+INITRD_SOCKET = "/run/bootkey/initrd.sock"
+
+
+def initrd_volumes(crypttab_text: str) -> list[str]:
+    """Volumes /etc/crypttab has opened in the initrd by bootkey's dracut module."""
+    return [f[0] for f in _lines(crypttab_text) if len(f) >= 3 and f[2] == INITRD_SOCKET]
+
+
+def initrd_secret_id(volumes: Sequence[str], sealing: str) -> Check | None:
+    """The secret_id an initrd carries is readable by whoever holds the disk unless it
+    is sealed to the TPM2. `sealing` is bootkey.initrd.secret_id_sealing's line."""
+    if not volumes:
+        return None
+    name = "initrd secret_id"
+    which = ", ".join(volumes)
+    if sealing.startswith("sealed"):
+        return Check(name, Status.PASS, f"{which} in the initrd; {sealing}")
+    return Check(name, Status.WARN,
+                 f"{which} opened in the initrd, whose secret_id is {sealing}",
+                 "seal it to the TPM2 (docs/initrd.md, “The secret_id in the initrd”), then "
+                 "rebuild the initrd (dracut --force); without a TPM, bind the secret_id to "
+                 "this host's address (secret_id_bound_cidrs)")

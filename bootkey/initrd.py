@@ -25,12 +25,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootkey import askpassword, unlock
+from bootkey import _proc, askpassword, unlock
 from bootkey import config as config_mod
 from bootkey.config import Config, KeysocketConfig
 from bootkey.keysocket import KeySocketServer
 from bootkey.unlock import Volume
-from bootkey.vault import VaultSession
+from bootkey.vault import SecretIdReader, VaultSession
 from bootkey_core.errors import BootkeyError, DeadlineExceeded
 from bootkey_core.secret import SecretBuffer
 
@@ -40,9 +40,12 @@ log = logging.getLogger(__name__)
 # so the agent after switch-root never finds a stale socket of ours in its place.
 SOCKET_PATH = Path("/run/bootkey/initrd.sock")
 DEFAULT_CONFIG = Path("/etc/bootkey/bootkey.toml")
-# Where the dracut module puts the encrypted secret_id credential (systemd-creds), and
-# the credential name the initrd unit loads it as.
-CREDSTORE = Path("/etc/credstore.encrypted")
+# The sealed secret_id: `<name>.cred` in /etc/bootkey, where `bootkey setup-vault` writes
+# it and bootkey.service loads it from (LoadCredentialEncrypted=secret-id:…), so one
+# file serves the initrd and the booted system.
+CREDENTIAL_DIR = Path("/etc/bootkey")
+# systemd-creds decrypt: a TPM2 unseal, slow under emulation; bounded like any tool call.
+CREDS_TIMEOUT = 60.0
 # How long bootkey waits for Vault before it also asks on the console.
 PROMPT_AFTER = 3.0
 # Modules the key socket path imports, lazily included: hvac/requests resolve these on
@@ -72,24 +75,65 @@ def root_setup(name: str, luks_uuid: str, *, ip: str = "dhcp") -> RootSetup:
     return RootSetup(crypttab, dracut_conf, cmdline)
 
 
-def secret_id_sealing(cfg: Config, credstore: Path = CREDSTORE) -> str:
+def credential_path(name: str, directory: Path = CREDENTIAL_DIR) -> Path:
+    return directory / f"{name}.cred"
+
+
+def seal_command(name: str, cred: Path) -> str:
+    # tpm2 alone: the host key (/var/lib/systemd/credential.secret) is on the encrypted
+    # root, out of the initrd's reach.
+    return (f"systemd-creds encrypt --with-key=tpm2 --name={name} /etc/bootkey/secret-id "
+            f"{cred}")
+
+
+def secret_id_sealing(cfg: Config, directory: Path = CREDENTIAL_DIR) -> str:
     """How the secret_id the initrd carries is protected, in one line (for `bootkey
-    doctor` and `bootkey initrd`). Starts with "sealed" only when a TPM2/host-key
-    encrypted credential is configured and present."""
+    doctor` and `bootkey initrd`). Starts with "sealed" only when a systemd-creds
+    credential is configured and present."""
     ar = cfg.vault.approle
     if ar.secret_id_credential:
-        cred = credstore / ar.secret_id_credential
+        cred = credential_path(ar.secret_id_credential, directory)
         if cred.is_file():
-            return f"sealed: systemd-creds credential {cred} (decrypted at boot only)"
-        return (f"unsealed: credential {ar.secret_id_credential!r} is not in {credstore} — "
-                f"`systemd-creds encrypt --with-key=tpm2 --name={ar.secret_id_credential} "
-                f"- {cred}`")
+            return (f"sealed: systemd-creds credential {cred}, decrypted by the TPM2 at "
+                    "boot only")
+        return (f"unsealed: credential {ar.secret_id_credential!r} has no {cred} — seal it: "
+                f"`{seal_command(ar.secret_id_credential, cred)}`")
     if ar.wrapped_secret_id_file:
         return (f"unsealed: wrapped secret_id {ar.wrapped_secret_id_file} is single-use, "
                 "but anyone with the disk can unwrap it first")
     return (f"unsealed: {ar.secret_id_file} is readable by anyone holding the disk — seal "
             "it with systemd-creds (TPM2), bind it with secret_id_bound_cidrs, revoke it "
             "if the machine is lost")
+
+
+class CredentialError(BootkeyError):
+    """The sealed secret_id cannot be decrypted here (another TPM, or sealed with the
+    host key, which the initrd does not have)."""
+
+    exit_code = os.EX_NOPERM  # 77
+
+
+def decrypt_credential(name: str, cred: Path) -> bytearray:
+    """The secret_id from its TPM2-sealed credential, via `systemd-creds decrypt` (the
+    initrd's unit does not use LoadCredentialEncrypted=: a credential this TPM cannot
+    unseal would fail the unit, and nobody would answer the key socket)."""
+    res = _proc.run(["systemd-creds", "decrypt", f"--name={name}", str(cred), "-"],
+                    timeout=CREDS_TIMEOUT)
+    secret = bytearray(res.stdout.strip())
+    if res.returncode != 0 or not secret:
+        why = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
+        raise CredentialError(
+            f"{cred}: this machine's TPM2 cannot decrypt the secret_id credential ({why}) "
+            f"— seal it on this machine: {seal_command(name, cred)}")
+    return secret
+
+
+def _secret_id_reader(cfg: Config) -> SecretIdReader | None:
+    name = cfg.vault.approle.secret_id_credential
+    if not name or os.environ.get("CREDENTIALS_DIRECTORY"):
+        return None
+    cred = credential_path(name)
+    return lambda: (decrypt_credential(name, cred), f"systemd credential {cred} (TPM2)")
 
 
 # --- what the initrd needs ------------------------------------------------------------
@@ -103,7 +147,7 @@ def config_files(cfg: Config, config_path: Path) -> list[Path]:
         if p is not None:
             out.append(p)
     if ar.secret_id_credential:
-        out.append(CREDSTORE / ar.secret_id_credential)
+        out.append(credential_path(ar.secret_id_credential))
     elif ar.secret_id_file is not None:
         out.append(ar.secret_id_file)
     return out
@@ -181,7 +225,8 @@ class InitrdKeys:
         self.cfg = cfg
         self.ask_dir = ask_dir
         self._closing = threading.Event()
-        self.session = VaultSession.from_config(cfg, sleep=self._sleep)
+        self.session = VaultSession.from_config(cfg, sleep=self._sleep,
+                                                read_secret_id=_secret_id_reader(cfg))
         self._lock = threading.Lock()
         self._volumes: dict[str, Volume] = {}
 
@@ -292,11 +337,15 @@ def serve(cfg: Config, stop: threading.Event, ask_dir: Path = askpassword.ASK_DI
 
 
 def main(argv: Iterable[str] = ()) -> int:
-    """`bootkey-initrd [--list-files] [CONFIG]`, the initrd's entry point (no argparse or
-    CLI: only what unlocking imports ends up in the initrd)."""
+    """`bootkey-initrd [--list-files | --credential] [CONFIG]`, the initrd's entry point
+    (no argparse or CLI: only what unlocking imports ends up in the initrd). For the
+    dracut module: --list-files prints what to install, --credential the sealed
+    secret_id's file if the config names one (then systemd-creds and the TPM2 libraries
+    go in too)."""
     args = list(argv)
     list_files = "--list-files" in args
-    rest = [a for a in args if a != "--list-files"]
+    credential = "--credential" in args
+    rest = [a for a in args if a not in ("--list-files", "--credential")]
     config_path = Path(rest[0]) if rest else DEFAULT_CONFIG
     from bootkey import journal
 
@@ -304,6 +353,11 @@ def main(argv: Iterable[str] = ()) -> int:
     try:
         if list_files:
             sys.stdout.write("".join(f"{f}\n" for f in runtime_files(config_path)))
+            return 0
+        if credential:
+            name = config_mod.load(config_path).vault.approle.secret_id_credential
+            if name:
+                print(credential_path(name))
             return 0
         cfg = config_mod.load(config_path)
         stop = threading.Event()

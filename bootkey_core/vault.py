@@ -231,6 +231,9 @@ class _Dead(Exception):
     """The token was refused (403) and looks dead: log in again and repeat."""
 
 
+SecretIdReader = Callable[[], tuple[bytearray, str]]
+
+
 class VaultSession:
     """One logged-in identity, shared by everything in the process (one login, not one
     per volume or per KES request). Thread-safe: requests may run concurrently."""
@@ -245,8 +248,12 @@ class VaultSession:
         on_wait: WaitHook | None = None,
         token: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        read_secret_id: SecretIdReader | None = None,
     ) -> None:
         self.cfg = cfg
+        # The caller reads the secret_id itself: the initrd decrypts its TPM2-sealed
+        # credential (no $CREDENTIALS_DIRECTORY there). Returns (secret_id, source name).
+        self._read_secret_id_hook = read_secret_id
         self.deadline = deadline
         self.backoff = Backoff(retry_initial, retry_max)
         self.on_wait = on_wait
@@ -576,6 +583,8 @@ class VaultSession:
     def _read_secret_id(self) -> tuple[bytearray, str]:
         """The secret_id from its configured source, and the source's name."""
         ar = self.cfg.approle
+        if self._read_secret_id_hook is not None:
+            return self._read_secret_id_hook()
         if ar.secret_id is not None:
             return bytearray(ar.secret_id.get_secret_value().encode()), "config"
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -644,6 +653,8 @@ class VaultSession:
     def _source_readable(self) -> bool:
         """Could the secret_id source give a (possibly new) secret_id now?"""
         ar = self.cfg.approle
+        if self._read_secret_id_hook is not None:
+            return True
         if ar.secret_id is not None or ar.secret_id_credential:
             return True
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")

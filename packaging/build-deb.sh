@@ -133,6 +133,7 @@ Maintainer: bootkey maintainers <bootkey@localhost>
 Installed-Size: $size
 Depends: python3 (>= $PYVER), python3 (<< $PYNEXT), cryptsetup-bin, libsystemd0, libc6, procps
 Recommends: systemd
+Suggests: dracut, libtss2-esys-3.0.2-0, libtss2-rc0, libtss2-tcti-device0
 Section: admin
 Priority: optional
 Homepage: https://github.com/bootkey/bootkey

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   qemu-utils            # qemu-img overlays
   busybox-static        # initramfs for VM tests, guestfwd relay
   debootstrap           # systemd guest for VM tests
+  swtpm                 # a TPM2 for the guest whose secret_id is sealed to it
   python3-venv          # packaging/build-deb.sh builds with Debian's /usr/bin/python3,
   python3-dev           #   compiling systemd-python against its headers
   nginx-light           # mTLS ceiling benchmark for KES

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hvac
 
-from bootkey import crypttab, doctor, policy
+from bootkey import crypttab, doctor, initrd, policy
 from bootkey import doctor_checks as dc
 from bootkey.doctor_checks import Status
 from tests.support.bao import DevBao, TlsBao
@@ -289,3 +289,36 @@ def test_every_config_problem_is_listed(tmp_path: Path) -> None:
     check, parsed = doctor.check_config(str(cfg))
     assert parsed is None and check.status is Status.FAIL
     assert "vault.timeout" in check.detail and "unlock.paralel" in check.detail
+
+
+# ---- the root volume in the initrd ------------------------------------------------------
+
+
+def test_initrd_volumes_are_checked_for_a_sealed_secret_id_not_for_netdev() -> None:
+    assert str(initrd.SOCKET_PATH) == dc.INITRD_SOCKET
+    line = initrd.root_setup("root", Vol("root").luks_uuid).crypttab
+    tab = f"# {line}\n{line}\ndata UUID=x /run/bootkey/cryptsetup.sock luks,_netdev,nofail\n"
+    assert dc.initrd_volumes(tab) == ["root"]
+    # no _netdev/nofail on the root: that line is right for the initrd
+    assert dc.tab_lines([Vol("root")], crypttab.Mode.AGENT, tab, "", OPTS) == []
+    warn = dc.initrd_secret_id(["root"], "unsealed: /etc/bootkey/secret-id is readable …")
+    assert warn is not None and warn.status is Status.WARN
+    assert "root opened in the initrd" in warn.detail and "TPM2" in warn.fix
+    ok = dc.initrd_secret_id(["root"], "sealed: systemd-creds credential /etc/bootkey/x.cred")
+    assert ok is not None and ok.status is Status.PASS
+    assert dc.initrd_secret_id([], "unsealed: …") is None
+
+
+def test_doctor_warns_about_an_unsealed_secret_id_in_the_initrd(
+    vault_env2: VaultEnv, tmp_path: Path
+) -> None:
+    cfg_path = tmp_path / "bootkey.toml"
+    cfg_path.write_text(vault_env2.toml())
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/crypttab").write_text(initrd.root_setup("root", Vol("root").luks_uuid).crypttab)
+    _, checks = _doctor(cfg_path, root)
+    c = checks["initrd secret_id"]
+    assert c["status"] == "warn", c
+    assert f"unsealed: {vault_env2.secret_id_file} is readable by anyone holding the disk" \
+        in c["detail"]

@@ -5,6 +5,7 @@ The boot itself is proven in tests/vm/test_initrd.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from bootkey import cli, config, initrd
 from bootkey_core.secret import SecretBuffer
 from tests.support.bao import free_port
 from tests.support.luksimg import enroll_direct, make_image
+from tests.support.scan import register_secret
 from tests.support.vaultenv import VaultEnv
 from tests.support.wait import wait_for
 from tests.test_askpassword import agent_reply
@@ -51,10 +53,52 @@ def test_secret_id_sealing_says_sealed_only_for_a_present_credential(tmp_path: P
     plain = config.parse('[vault.approle]\nrole_id = "r"\n')
     assert initrd.secret_id_sealing(plain).startswith("unsealed: /etc/bootkey/secret-id")
     cred = config.parse('[vault.approle]\nrole_id = "r"\nsecret_id_credential = "sid"\n')
-    missing = initrd.secret_id_sealing(cred, credstore=tmp_path)
-    assert missing.startswith("unsealed:") and "systemd-creds encrypt" in missing
-    (tmp_path / "sid").write_bytes(b"sealed blob")
-    assert initrd.secret_id_sealing(cred, credstore=tmp_path).startswith("sealed:")
+    missing = initrd.secret_id_sealing(cred, directory=tmp_path)
+    assert missing.startswith("unsealed:")
+    assert f"systemd-creds encrypt --with-key=tpm2 --name=sid /etc/bootkey/secret-id " \
+        f"{tmp_path / 'sid.cred'}" in missing
+    (tmp_path / "sid.cred").write_bytes(b"sealed blob")
+    assert initrd.secret_id_sealing(cred, directory=tmp_path).startswith("sealed:")
+
+
+SYSTEMD_CREDS = shutil.which("systemd-creds")
+needs_creds = pytest.mark.skipif(SYSTEMD_CREDS is None, reason="systemd-creds is not "
+                                 "installed (scripts/setup.sh installs systemd)")
+
+
+@needs_creds
+def test_the_initrd_decrypts_its_sealed_secret_id_or_says_why_not(tmp_path: Path) -> None:
+    # Sealed with this host's key here (the TPM2 case is proven in tests/vm/test_initrd.py):
+    # the same `systemd-creds decrypt` the initrd runs.
+    secret = os.urandom(18).hex().encode()
+    register_secret(secret, "test secret_id credential")
+    cred = tmp_path / "sid.cred"
+    enc = subprocess.run(["systemd-creds", "encrypt", "--with-key=host", "--name=sid", "-",
+                          str(cred)], input=secret, capture_output=True, check=False)
+    assert enc.returncode == 0, enc.stderr
+    assert initrd.decrypt_credential("sid", cred) == bytearray(secret)
+    # a credential sealed under another name, and one that is not a credential at all
+    with pytest.raises(initrd.CredentialError) as e:
+        initrd.decrypt_credential("other", cred)
+    assert str(e.value).startswith(f"{cred}: this machine's TPM2 cannot decrypt")
+    assert "systemd-creds encrypt --with-key=tpm2 --name=other" in str(e.value)
+    assert secret.decode() not in str(e.value)
+    cred.write_bytes(b"not a credential")
+    with pytest.raises(initrd.CredentialError):
+        initrd.decrypt_credential("sid", cred)
+
+
+def test_a_sealed_secret_id_is_read_by_decrypting_it_when_no_unit_loaded_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = config.parse('[vault.approle]\nrole_id = "r"\nsecret_id_credential = "sid"\n')
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert initrd._secret_id_reader(cfg) is not None
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/x")  # LoadCredential*=
+    assert initrd._secret_id_reader(cfg) is None
+    plain = config.parse('[vault.approle]\nrole_id = "r"\nsecret_id_file = "/s"\n')
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    assert initrd._secret_id_reader(plain) is None
 
 
 def test_config_files_are_what_the_key_socket_reads(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from tests.support.scan import REGISTRY
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 QEMU = shutil.which("qemu-system-x86_64")
+SWTPM = shutil.which("swtpm")
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = (
@@ -506,6 +507,7 @@ class VM:
         overlay: Path | None = None,
         cmdline: str = "",
         console_input: bool = False,
+        tpm_state: Path | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -533,6 +535,11 @@ class VM:
         self._started = 0.0
         self._qmp: QMP | None = None
         self._hotplugged = 0
+        # tpm_state: a TPM2 (swtpm, its state in this directory, which it updates) on the
+        # guest's TIS interface; a fresh directory is a TPM nobody has used.
+        self.tpm_state = tpm_state
+        self.tpm_sock = workdir / "tpm.sock"
+        self._swtpm: subprocess.Popen[bytes] | None = None
 
     def _serial_args(self) -> list[str]:
         if not self.console_input:
@@ -583,6 +590,10 @@ class VM:
             "-device", "virtio-blk-pci,drive=root,serial=bkroot",
             "-netdev", net, "-device", "virtio-net-pci,netdev=n0",
         ]
+        if self.tpm_state is not None:
+            argv += ["-chardev", f"socket,id=chrtpm,path={self.tpm_sock}",
+                     "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                     "-device", "tpm-tis,tpmdev=tpm0"]
         disks = [Disk(self.workdir / "bkcfg.img", "bkcfg"), Disk(self.out_disk, "bkout"),
                  *self.disks]
         for i, d in enumerate(disks):
@@ -610,6 +621,8 @@ class VM:
         self.qmp_path.unlink(missing_ok=True)
         self._lock = (cache_dir() / "vm-run.lock").open("a")
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # one VM at a time on this machine
+        if self.tpm_state is not None:
+            self._start_swtpm()
         log = (self.workdir / "qemu.log").open("wb")
         self._started = time.monotonic()
         self._proc = subprocess.Popen(
@@ -692,6 +705,23 @@ class VM:
         rc = int(files["rc"]) if "rc" in files else None
         return Result(rc, files, self.console, seconds)
 
+    def _start_swtpm(self) -> None:
+        assert self.tpm_state is not None and SWTPM, "swtpm is not installed"
+        self.tpm_state.mkdir(parents=True, exist_ok=True)
+        self.tpm_sock.unlink(missing_ok=True)
+        self._swtpm = subprocess.Popen(
+            [SWTPM, "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_state.resolve()}",
+             "--ctrl", f"type=unixio,path={self.tpm_sock}", "--terminate",
+             "--log", f"file={self.workdir / 'swtpm.log'}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not self.tpm_sock.exists():
+            if self._swtpm.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"swtpm did not start: "
+                                     f"{(self.workdir / 'swtpm.log').read_text()[-2000:]}")
+            time.sleep(0.02)
+
     def kill(self) -> None:
         if self._qmp:
             self._qmp.close()
@@ -702,6 +732,13 @@ class VM:
         self._release()
 
     def _release(self) -> None:
+        if self._swtpm is not None:  # --terminate: it ends with qemu's connection
+            try:
+                self._swtpm.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._swtpm.kill()
+                self._swtpm.wait(timeout=10)
+            self._swtpm = None
         if self._console_thread is not None:  # ends at qemu's exit: the console is whole
             self._console_thread.join(timeout=10)
             self._console_thread = None

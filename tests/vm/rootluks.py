@@ -28,8 +28,10 @@ from bootkey.initrd import root_setup
 from tests.support.vaultenv import VaultEnv
 from tests.vm import harness
 
-# procps: pgrep, which dracut's network module installs
-PACKAGES = (*harness.BASE_PACKAGES, "dracut-core", "dracut-network", "dbus", "procps")
+# procps: pgrep, which dracut's network module installs; libtss2-*: what systemd-creds
+# loads (dlopen) to seal and unseal with the TPM2
+PACKAGES = (*harness.BASE_PACKAGES, "dracut-core", "dracut-network", "dbus", "procps",
+            "libtss2-esys-3.0.2-0", "libtss2-rc0", "libtss2-mu0", "libtss2-tcti-device0")
 NAME = "root"
 LUKS_UUID = "b007c0de-0000-4000-8000-000000000001"
 # The volume's pre-existing passphrase: what an operator types at the fallback prompt.
@@ -50,16 +52,33 @@ class RootGuest:
     image: Path          # raw LUKS2 root, Vault key enrolled (boot it through an overlay)
     initrd: Path         # dracut + bootkey's module
     keyfile_initrd: Path  # dracut, no bootkey, the passphrase as a keyfile inside
+    tpm_initrd: Path     # dracut + bootkey's module, the secret_id sealed to tpm_state
+    tpm_state: Path      # the swtpm state the secret_id was sealed with (boot a copy)
     sizes: dict[str, int]  # compressed initrd sizes, bytes
 
 
-def guest_config(env: VaultEnv, socket_timeout: str = "60s") -> str:
+# The sealed secret_id, where `bootkey setup-vault` puts it (bootkey.initrd.credential_path)
+CREDENTIAL = "/etc/bootkey/secret-id.cred"
+# The operator's step on the running machine, then a new initrd: seal the secret_id to
+# this machine's TPM2 (default PCR 7: the firmware's secure-boot state).
+SEAL_BODY = r"""#!/bin/sh
+out=$1
+systemd-creds encrypt --with-key=tpm2 --name=secret-id /etc/bootkey/secret-id \
+    "$out/secret-id.cred" > "$out/seal.txt" 2>&1
+echo $? > "$out/seal.rc"
+exit 0
+"""
+
+
+def guest_config(env: VaultEnv, socket_timeout: str = "60s", *, sealed: bool = False) -> str:
     # host_id left out: the guest's /etc/machine-id (harness.MACHINE_ID), copied into
     # the initrd by the module, is the default.
+    source = ('secret_id_credential = "secret-id"\n' if sealed
+              else 'secret_id_file = "/etc/bootkey/secret-id"\n')
     return (
         f'[vault]\naddress = ["{harness.VAULT_GUEST_URL}"]\ntimeout = "5s"\n'
         f'[vault.approle]\nrole_id = "{env.role_id}"\n'
-        'secret_id_file = "/etc/bootkey/secret-id"\n'
+        + source +
         f'[vault.kv]\nmount = "{env.kv_mount}"\nversion = {env.kv_version}\n'
         '[unlock]\nretry_initial = "500ms"\nretry_max = "2s"\n'
         f'[keysocket]\ntimeout = "{socket_timeout}"\n'
@@ -104,9 +123,10 @@ def fixed_ids(root_client: hvac.Client, env: VaultEnv, workdir: Path) -> VaultEn
     return dataclasses.replace(env, role_id=role_id, secret_id_file=sid)
 
 
-def build(deb: Path, env: VaultEnv, workdir: Path) -> RootGuest:
-    """The guest for `env` (ids from `fixed_ids`): the encrypted root and the initrds are
-    cached by their inputs; the copy in `workdir` gets this run's Vault key enrolled."""
+def build(deb: Path, env: VaultEnv, workdir: Path, vault_port: int) -> RootGuest:
+    """The guest for `env` (ids from `fixed_ids`): the encrypted root, the initrds and the
+    TPM state are cached by their inputs; the copy in `workdir` gets this run's Vault key
+    enrolled. `vault_port`: Vault for the sealing boot's agent."""
     installed = harness.installed_rootfs(deb, PACKAGES)
     config_text = guest_config(env)
     key = harness._sha(harness.RECIPE, installed.parent.name, config_text,
@@ -116,7 +136,7 @@ def build(deb: Path, env: VaultEnv, workdir: Path) -> RootGuest:
     with harness._locked("rootluks"):
         if not (cached / "done").exists():
             shutil.rmtree(cached, ignore_errors=True)
-            _build(installed, env, cached)
+            _build(installed, env, cached, vault_port)
             (cached / "done").touch()
             for old in harness.cache_dir().glob("rootluks-*"):
                 if old != cached:
@@ -126,11 +146,13 @@ def build(deb: Path, env: VaultEnv, workdir: Path) -> RootGuest:
     harness._run(["cp", "--sparse=always", str(cached / "root.img"), str(img)], timeout=600)
     enroll(env, img, workdir)
     initrd, keyfile_initrd = cached / "initrd-bootkey.img", cached / "initrd-keyfile.img"
-    return RootGuest(img, initrd, keyfile_initrd,
-                     {"bootkey": initrd.stat().st_size, "keyfile": keyfile_initrd.stat().st_size})
+    tpm_initrd = cached / "initrd-tpm.img"
+    return RootGuest(img, initrd, keyfile_initrd, tpm_initrd, cached / "tpm-state",
+                     {"bootkey": initrd.stat().st_size, "keyfile": keyfile_initrd.stat().st_size,
+                      "tpm": tpm_initrd.stat().st_size})
 
 
-def _build(installed: Path, env: VaultEnv, workdir: Path) -> None:
+def _build(installed: Path, env: VaultEnv, workdir: Path, vault_port: int) -> None:
     k = harness.kernel()
     workdir.mkdir(parents=True)
     root = workdir / "rootfs"
@@ -162,13 +184,36 @@ def _build(installed: Path, env: VaultEnv, workdir: Path) -> None:
     harness._run(["truncate", "-s", f"{ROOT_SIZE_MB}M", str(img)], timeout=30)
     harness._run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(img),
                   f"{ROOT_SIZE_MB - 16}M"], timeout=600)
-    shutil.rmtree(root)
     proc = subprocess.run(
         ["cryptsetup", "reencrypt", "--encrypt", "--batch-mode", "--type", "luks2",
          "--reduce-device-size", "16M", "--force-offline-reencrypt", *harness.FAST_PBKDF,
          "--uuid", LUKS_UUID, "--key-file=-", str(img)],
         input=PASSPHRASE, capture_output=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    _seal_and_build_tpm_initrd(root, env, workdir, vault_port)
+    shutil.rmtree(root)
+
+
+def _seal_and_build_tpm_initrd(root: Path, env: VaultEnv, workdir: Path,
+                               vault_port: int) -> None:
+    """As an operator would: boot the machine (the keyfile initrd opens its root), seal
+    the secret_id to its TPM2 there, then build the initrd that carries the credential
+    instead of the secret_id."""
+    state = workdir / "tpm-state"
+    with harness.VM(workdir / "root.img", workdir / "seal-vm",
+                    initrd=workdir / "initrd-keyfile.img", vault_port=vault_port,
+                    cmdline=f"root=/dev/mapper/{NAME}", timeout=600, tpm_state=state,
+                    data={"/vmtest/test.sh": (SEAL_BODY.encode(), 0o755)}) as vm:
+        res = vm.wait()
+    assert res.rc == 0 and res.text("seal.rc").strip() == "0", \
+        f"sealing the secret_id in the guest: {res.text('seal.txt')}\n{res.describe()}"
+    cred = root / CREDENTIAL.lstrip("/")
+    cred.write_bytes(res.files["secret-id.cred"])
+    cred.chmod(0o600)
+    (root / "etc/bootkey/bootkey.toml").write_text(guest_config(env, sealed=True))
+    k = harness.kernel()
+    _dracut(root, k.version, "/boot/initrd-tpm.img", (*DRACUT_MODULES, "bootkey"))
+    shutil.move(root / "boot/initrd-tpm.img", workdir / "initrd-tpm.img")
 
 
 def enroll(env: VaultEnv, img: Path, workdir: Path) -> None:

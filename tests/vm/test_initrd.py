@@ -8,7 +8,10 @@ The guest, its initrds and the enrolled root are built once for this module
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +46,7 @@ ls -la /run/bootkey > "$out/run-bootkey.txt" 2>&1
 mkdir -p "$out/run"
 find /run -xdev -type f -size -2M -print0 | xargs -0 cp --parents -t "$out/run" 2>/dev/null
 keyctl show @u > "$out/keyring.txt" 2>&1 || true
+bootkey status --json > "$out/status.json" 2> "$out/status.err"
 exit 0
 """
 
@@ -55,10 +59,11 @@ def vault_env(bao: DevBao, tmp_path_factory: pytest.TempPathFactory) -> VaultEnv
 
 
 @pytest.fixture(scope="module")
-def root_guest(vm_deb: Path, vault_env: VaultEnv,
+def root_guest(vm_deb: Path, vault_env: VaultEnv, bao: DevBao,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[rootluks.RootGuest]:
-    guest = rootluks.build(vm_deb, vault_env, tmp_path_factory.mktemp("rootluks"))
-    print(f"INITRD-SIZE bootkey {guest.sizes['bootkey']} keyfile {guest.sizes['keyfile']}")
+    guest = rootluks.build(vm_deb, vault_env, tmp_path_factory.mktemp("rootluks"), bao.port)
+    print(f"INITRD-SIZE bootkey {guest.sizes['bootkey']} keyfile {guest.sizes['keyfile']} "
+          f"tpm {guest.sizes['tpm']}")
     yield guest
 
 
@@ -88,10 +93,10 @@ BOOT_TIMEOUT = 600.0
 
 def boot(guest: rootluks.RootGuest, workdir: Path, vault_port: int | None, *,
          initrd: Path | None = None, cmdline: str = CMDLINE,
-         console_input: bool = False) -> harness.VM:
+         console_input: bool = False, tpm_state: Path | None = None) -> harness.VM:
     return harness.VM(guest.image, workdir, initrd=initrd or guest.initrd,
                       vault_port=vault_port, cmdline=cmdline, timeout=BOOT_TIMEOUT,
-                      console_input=console_input,
+                      console_input=console_input, tpm_state=tpm_state,
                       data={"/vmtest/test.sh": (ROOT_BODY.encode(), 0o755)})
 
 
@@ -122,6 +127,12 @@ def test_root_volume_unlocks_in_the_initrd_with_nobody_typing(
     assert res.text("agent-state.txt").strip() == "active", res.describe()
     assert res.text("initrd-units.txt").split() == ["inactive", "inactive"], res.describe()
     assert "initrd.sock" not in res.text("run-bootkey.txt"), res.describe()
+    # ... and `bootkey status` (asking that agent) shows the root volume, open.
+    status = json.loads(res.text("status.json") or "{}")
+    assert status.get("agent", {}).get("running") is True, res.text("status.err")
+    (root,) = [v for v in status["volumes"] if v["name"] == rootluks.NAME]
+    assert root["luks_uuid"] == rootluks.LUKS_UUID, status
+    assert root["state"] == "already open", status  # the initrd opened it
     key = root_key(vault_env, bao)
     run_files = [(n, b) for n, b in res.files.items() if n.startswith("run/")]
     assert run_files, "the guest sent no /run files back"
@@ -202,5 +213,39 @@ def test_destroyed_secret_id_falls_back_to_the_prompt_with_the_reason(
             res = vm.wait()
     finally:
         client.auth.approle.create_custom_secret_id(role, secret_id)
+    assert res.rc == 0, res.describe()
+    assert res.text("root-source.txt").strip() == "/dev/mapper/root", res.describe()
+
+
+# --- the secret_id sealed to the TPM2 -----------------------------------------------------
+
+
+def test_secret_id_sealed_to_the_tpm2_opens_root_and_another_tpm_cannot(
+    root_guest: rootluks.RootGuest, vault_env: VaultEnv, bao: DevBao, tmp_path: Path
+) -> None:
+    # The sealed initrd carries the credential, not the secret_id (the plain one does:
+    # the same search finds it there).
+    secret_id = vault_env.secret_id_file.read_bytes().strip()
+    assert secret_id in gzip.decompress(root_guest.initrd.read_bytes())
+    assert secret_id not in gzip.decompress(root_guest.tpm_initrd.read_bytes())
+    # This machine's TPM (the state it was sealed with): root opens, nobody types.
+    state = tmp_path / "tpm"
+    shutil.copytree(root_guest.tpm_state, state)
+    with boot(root_guest, tmp_path / "vm", bao.port, initrd=root_guest.tpm_initrd,
+              tpm_state=state) as vm:
+        res = vm.wait()
+    assert res.rc == 0, res.describe()
+    assert res.text("root-source.txt").strip() == "/dev/mapper/root", res.describe()
+    assert "key socket: sent the key to pid" in res.journal, res.describe()
+    assert not re.search(SYSTEMD_PROMPT, res.console), res.describe()
+    # The same initrd with another TPM: the credential does not open, the console says
+    # why, and the passphrase still does.
+    with boot(root_guest, tmp_path / "vm-other", bao.port, initrd=root_guest.tpm_initrd,
+              tpm_state=tmp_path / "other-tpm", console_input=True) as vm:
+        vm.wait_console(r"bootkey: volume root: no key from Vault: .*secret-id\.cred: this "
+                        r"machine's TPM2 cannot decrypt")
+        vm.wait_console(r"(?s)TPM2 cannot decrypt.*" + SYSTEMD_PROMPT)
+        vm.type_console(rootluks.PASSPHRASE + b"\n")
+        res = vm.wait()
     assert res.rc == 0, res.describe()
     assert res.text("root-source.txt").strip() == "/dev/mapper/root", res.describe()

@@ -15,6 +15,17 @@ check() {
     return 255
 }
 
+# The sealed secret_id's file, if bootkey.toml names a credential (secret_id_credential).
+_credential() {
+    /usr/bin/python3 -IS "$moddir/bootkey-initrd" --credential "${BOOTKEY_CONFIG:-/etc/bootkey/bootkey.toml}"
+}
+
+installkernel() {
+    # the TPM2 drivers, where they are modules: the credential is unsealed by the TPM
+    [[ -n $(_credential 2>/dev/null) ]] && instmods '=drivers/char/tpm'
+    return 0
+}
+
 depends() {
     # network: dracut picks the handler (systemd-networkd where the host has it)
     echo systemd crypt network
@@ -40,6 +51,26 @@ install() {
         exit 1
     fi
     inst_multiple "${files[@]}"
+    # A secret_id sealed to the TPM2: bootkey-initrd decrypts it with systemd-creds, which
+    # loads the TPM2 libraries at run time (dlopen: dracut's ldd walk does not see them).
+    local cred libdir found=
+    cred=$(_credential)
+    if [[ -n $cred ]]; then
+        if [[ ! -s $dracutsysrootdir$cred ]]; then
+            dfatal "bootkey: $cred is missing — seal the secret_id on this machine: systemd-creds encrypt --with-key=tpm2 --name=$(basename "$cred" .cred) /etc/bootkey/secret-id $cred"
+            exit 1
+        fi
+        for libdir in $libdirs; do
+            [[ -e $dracutsysrootdir$libdir/libtss2-esys.so.0 ]] && found=1
+        done
+        if [[ -z $found ]]; then
+            dfatal "bootkey: $cred needs the TPM2 libraries in the initrd — apt install libtss2-esys-3.0.2-0 libtss2-rc0 libtss2-mu0 libtss2-tcti-device0 (dnf install tpm2-tss)"
+            exit 1
+        fi
+        inst_multiple systemd-creds
+        inst_libdir_file "libtss2-esys.so.*" "libtss2-rc.so.*" "libtss2-mu.so.*" \
+            "libtss2-sys.so.*" "libtss2-tctildr.so.*" "libtss2-tcti-device.so.*"
+    fi
     # Name resolution (the Vault address may be a name) and the CA bundle.
     inst_multiple -o /etc/hosts /etc/nsswitch.conf /etc/resolv.conf \
         /etc/ssl/certs/ca-certificates.crt
