@@ -44,6 +44,22 @@ def test_planted_files_are_found_and_test_inputs_are_not(tmp_path: Path) -> None
     assert {("agent.log", "base64"), ("cache", "HEX")} <= leaks
 
 
+def test_every_encoding_of_every_secret_is_found_in_one_large_blob() -> None:
+    # the scan matches all probes in one pass over binary data (bytes > 0x7f included)
+    reg = SecretsRegistry(test_written=REGISTRY.test_written)
+    keys = {os.urandom(32 + i % 33): f"key {i}" for i in range(60)}
+    for key, what in keys.items():
+        reg.register(key, what)
+    parts = [os.urandom(4096)]
+    for key in keys:
+        for enc in encodings(key).values():
+            parts += [enc, os.urandom(997)]
+    leaks = reg.scan([("disk.img", b"".join(parts))])
+    assert sorted((x.what, x.encoding) for x in leaks) == sorted(
+        (what, kind) for key, what in keys.items() for kind in encodings(key))
+    assert reg.scan([("noise", b"".join(parts[:1]))]) == []
+
+
 def test_a_vm_disk_may_hold_its_hosts_secret_id_and_no_other_secret(tmp_path: Path) -> None:
     secret_id, volume_key = os.urandom(36), os.urandom(64)
     reg = SecretsRegistry(test_written=REGISTRY.test_written)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import ahocorasick
+
 from bootkey_core.secret import SecretBuffer
 
 # Files read whole for the scan; a larger file is reported as skipped, not read.
@@ -141,14 +143,30 @@ class SecretsRegistry:
             probes = [(raw, what, kind, probe) for raw, what in self.secrets.items()
                       for kind, probe in _probes(raw).items()]
             credentials, disks = set(self.credentials), set(self.machine_disks)
+        if not probes:
+            return []
+        # One Aho-Corasick pass per blob for all ~3,000 probes: a `probe in blob` each
+        # read the suite's 1-2 GB of VM disks 3,000 times (about 6 minutes of a CI run).
+        # Bytes map 1:1 onto latin-1 characters, the automaton's key type.
+        automaton = ahocorasick.Automaton()
+        for raw, what, kind, probe in probes:
+            key = probe.decode("latin-1")
+            found = automaton.get(key, [])
+            automaton.add_word(key, [*found, (raw, what, kind)])
+        automaton.make_automaton()
+        # Disk images are mostly zeros: skip runs longer than any probe (no match can
+        # span one), which the automaton would otherwise walk byte by byte.
+        zeros = b"\0" * (1 + max(len(probe) for *_, probe in probes))
         leaks = []
         for where, blob in blobs:
             on_disk = os.path.realpath(where) in disks
-            for raw, what, kind, probe in probes:
-                if on_disk and raw in credentials:
-                    continue
-                if probe in blob:
-                    leaks.append(Leak(where, kind, what))
+            hits: dict[tuple[bytes, str], str] = {}
+            for part in blob.split(zeros):
+                for _end, found in automaton.iter(part.decode("latin-1")):
+                    for raw, what, kind in found:
+                        if not (on_disk and raw in credentials):
+                            hits[raw, kind] = what
+            leaks += [Leak(where, kind, what) for (_raw, kind), what in hits.items()]
         return leaks
 
     def scan_files(self, roots: Iterable[Path]) -> list[Leak]:
