@@ -54,11 +54,15 @@ class RootGuest:
     keyfile_initrd: Path  # dracut, no bootkey, the passphrase as a keyfile inside
     tpm_initrd: Path     # dracut + bootkey's module, the secret_id sealed to tpm_state
     tpm_state: Path      # the swtpm state the secret_id was sealed with (boot a copy)
+    # the sealed machine's /etc/bootkey (config naming the credential, the credential),
+    # for a boot's data= (the root image itself keeps the plain secret_id's config)
+    sealed_files: dict[str, tuple[bytes, int]]
     sizes: dict[str, int]  # compressed initrd sizes, bytes
 
 
 # The sealed secret_id, where `bootkey setup-vault` puts it (bootkey.initrd.credential_path)
 CREDENTIAL = "/etc/bootkey/secret-id.cred"
+CONFIG = "/etc/bootkey/bootkey.toml"
 # The operator's step on the running machine, then a new initrd: seal the secret_id to
 # this machine's TPM2 (default PCR 7: the firmware's secure-boot state).
 SEAL_BODY = r"""#!/bin/sh
@@ -147,7 +151,9 @@ def build(deb: Path, env: VaultEnv, workdir: Path, vault_port: int) -> RootGuest
     enroll(env, img, workdir)
     initrd, keyfile_initrd = cached / "initrd-bootkey.img", cached / "initrd-keyfile.img"
     tpm_initrd = cached / "initrd-tpm.img"
-    return RootGuest(img, initrd, keyfile_initrd, tpm_initrd, cached / "tpm-state",
+    sealed = {CONFIG: ((cached / "bootkey-sealed.toml").read_bytes(), 0o600),
+              CREDENTIAL: ((cached / "secret-id.cred").read_bytes(), 0o600)}
+    return RootGuest(img, initrd, keyfile_initrd, tpm_initrd, cached / "tpm-state", sealed,
                      {"bootkey": initrd.stat().st_size, "keyfile": keyfile_initrd.stat().st_size,
                       "tpm": tpm_initrd.stat().st_size})
 
@@ -160,7 +166,7 @@ def _build(installed: Path, env: VaultEnv, workdir: Path, vault_port: int) -> No
     setup = root_setup(NAME, LUKS_UUID)
     files = {
         "/etc/crypttab": (f"{setup.crypttab}\n".encode(), 0o644),
-        "/etc/bootkey/bootkey.toml": (guest_config(env).encode(), 0o600),
+        CONFIG: (guest_config(env).encode(), 0o600),
         "/etc/bootkey/secret-id": (env.secret_id_file.read_bytes(), 0o600),
         "/etc/dracut.conf.d/bootkey.conf": (setup.dracut_conf.encode(), 0o644),
     }
@@ -207,10 +213,11 @@ def _seal_and_build_tpm_initrd(root: Path, env: VaultEnv, workdir: Path,
         res = vm.wait()
     assert res.rc == 0 and res.text("seal.rc").strip() == "0", \
         f"sealing the secret_id in the guest: {res.text('seal.txt')}\n{res.describe()}"
-    cred = root / CREDENTIAL.lstrip("/")
-    cred.write_bytes(res.files["secret-id.cred"])
-    cred.chmod(0o600)
-    (root / "etc/bootkey/bootkey.toml").write_text(guest_config(env, sealed=True))
+    (workdir / "secret-id.cred").write_bytes(res.files["secret-id.cred"])
+    (workdir / "bootkey-sealed.toml").write_text(guest_config(env, sealed=True))
+    for name, path in (("secret-id.cred", CREDENTIAL), ("bootkey-sealed.toml", CONFIG)):
+        shutil.copyfile(workdir / name, root / path.lstrip("/"))
+        (root / path.lstrip("/")).chmod(0o600)
     k = harness.kernel()
     _dracut(root, k.version, "/boot/initrd-tpm.img", (*DRACUT_MODULES, "bootkey"))
     shutil.move(root / "boot/initrd-tpm.img", workdir / "initrd-tpm.img")

@@ -12,7 +12,7 @@ import gzip
 import json
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -93,11 +93,12 @@ BOOT_TIMEOUT = 600.0
 
 def boot(guest: rootluks.RootGuest, workdir: Path, vault_port: int | None, *,
          initrd: Path | None = None, cmdline: str = CMDLINE,
-         console_input: bool = False, tpm_state: Path | None = None) -> harness.VM:
+         console_input: bool = False, tpm_state: Path | None = None,
+         data: Mapping[str, tuple[bytes, int]] | None = None) -> harness.VM:
     return harness.VM(guest.image, workdir, initrd=initrd or guest.initrd,
                       vault_port=vault_port, cmdline=cmdline, timeout=BOOT_TIMEOUT,
                       console_input=console_input, tpm_state=tpm_state,
-                      data={"/vmtest/test.sh": (ROOT_BODY.encode(), 0o755)})
+                      data={"/vmtest/test.sh": (ROOT_BODY.encode(), 0o755), **(data or {})})
 
 
 def unlock_seconds(journal: str) -> tuple[float | None, float | None]:
@@ -228,16 +229,21 @@ def test_secret_id_sealed_to_the_tpm2_opens_root_and_another_tpm_cannot(
     secret_id = vault_env.secret_id_file.read_bytes().strip()
     assert secret_id in gzip.decompress(root_guest.initrd.read_bytes())
     assert secret_id not in gzip.decompress(root_guest.tpm_initrd.read_bytes())
-    # This machine's TPM (the state it was sealed with): root opens, nobody types.
+    # This machine's TPM (the state it was sealed with): root opens, nobody types. The
+    # booted system has the sealed machine's /etc/bootkey too (config naming only the
+    # credential): the agent logs in with the same file, through LoadCredentialEncrypted=.
     state = tmp_path / "tpm"
     shutil.copytree(root_guest.tpm_state, state)
     with boot(root_guest, tmp_path / "vm", bao.port, initrd=root_guest.tpm_initrd,
-              tpm_state=state) as vm:
+              tpm_state=state, data=root_guest.sealed_files) as vm:
         res = vm.wait()
     assert res.rc == 0, res.describe()
     assert res.text("root-source.txt").strip() == "/dev/mapper/root", res.describe()
     assert "key socket: sent the key to pid" in res.journal, res.describe()
     assert not re.search(SYSTEMD_PROMPT, res.console), res.describe()
+    vault = json.loads(res.text("status.json") or "{}").get("vault", {})
+    assert vault.get("logged_in") is True, (vault, res.text("status.err"))
+    assert str(vault.get("secret_id_source")).startswith("systemd credential"), vault
     # The same initrd with another TPM: the credential does not open, the console says
     # why, and the passphrase still does.
     with boot(root_guest, tmp_path / "vm-other", bao.port, initrd=root_guest.tpm_initrd,
