@@ -736,10 +736,11 @@ class VM:
     def _restart_if_silent(self) -> bool:
         """Boot the guest again, once, if it printed nothing within SILENT_BOOT_LIMIT.
 
-        Under TCG a guest sometimes hangs before its first console line (bringing up the
-        second vCPU: the known TCG -smp hang); it was seen once in CI as a 360 s timeout
-        with an empty console. Nothing of the test has run by then: systemd prints its
-        first line 3-10 s after start. The restart is said on stderr, so it is not hidden.
+        Under TCG a guest can hang before its first console line (a cause not seen from
+        outside; TCG -smp boots are known to hang bringing up a second vCPU): it happened
+        once in CI, a 360 s timeout with an empty console. Nothing of the test has run by
+        then: systemd prints its first line 3-10 s after start. The restart is said on
+        stderr, so it is not hidden.
         """
         assert self._proc
         if (self._restarted or self._remaining() > self.timeout - SILENT_BOOT_LIMIT
