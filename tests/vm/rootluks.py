@@ -151,7 +151,7 @@ def build(deb: Path, env: VaultEnv, workdir: Path, vault_port: int) -> RootGuest
     enroll(env, img, workdir)
     initrd, keyfile_initrd = cached / "initrd-bootkey.img", cached / "initrd-keyfile.img"
     tpm_initrd = cached / "initrd-tpm.img"
-    sealed = {CONFIG: ((cached / "bootkey-sealed.toml").read_bytes(), 0o600),
+    sealed = {CONFIG: (guest_config(env, sealed=True).encode(), 0o600),
               CREDENTIAL: ((cached / "secret-id.cred").read_bytes(), 0o600)}
     return RootGuest(img, initrd, keyfile_initrd, tpm_initrd, cached / "tpm-state", sealed,
                      {"bootkey": initrd.stat().st_size, "keyfile": keyfile_initrd.stat().st_size,
@@ -213,11 +213,11 @@ def _seal_and_build_tpm_initrd(root: Path, env: VaultEnv, workdir: Path,
         res = vm.wait()
     assert res.rc == 0 and res.text("seal.rc").strip() == "0", \
         f"sealing the secret_id in the guest: {res.text('seal.txt')}\n{res.describe()}"
-    (workdir / "secret-id.cred").write_bytes(res.files["secret-id.cred"])
-    (workdir / "bootkey-sealed.toml").write_text(guest_config(env, sealed=True))
-    for name, path in (("secret-id.cred", CREDENTIAL), ("bootkey-sealed.toml", CONFIG)):
-        shutil.copyfile(workdir / name, root / path.lstrip("/"))
-        (root / path.lstrip("/")).chmod(0o600)
+    (workdir / "secret-id.cred").write_bytes(res.files["secret-id.cred"])  # for build()
+    cred = root / CREDENTIAL.lstrip("/")
+    cred.write_bytes(res.files["secret-id.cred"])
+    cred.chmod(0o600)
+    (root / CONFIG.lstrip("/")).write_text(guest_config(env, sealed=True))
     k = harness.kernel()
     _dracut(root, k.version, "/boot/initrd-tpm.img", (*DRACUT_MODULES, "bootkey"))
     shutil.move(root / "boot/initrd-tpm.img", workdir / "initrd-tpm.img")
